@@ -1,0 +1,9 @@
+//! Entropy coding: the rANS coder ([`coder`]), quantised CDF tables ([`cdf`]) and the two entropy
+//! models of CompressAI — the factorized [`EntropyBottleneck`] for the hyper-latent and the
+//! [`GaussianConditional`] for the latent.
+
+pub mod cdf;
+pub mod coder;
+
+pub use cdf::{pmf_to_quantized_cdf, CdfTables};
+pub use coder::{EntropyCoder, RansCoder};
