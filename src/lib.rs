@@ -1,12 +1,31 @@
 //! # psic — privacy-shielded learned image compression
 //!
 //! One bitstream, two decodes: [`Codec::encode`] compresses an image with a learned image codec;
-//! [`Codec::decode_shielded`] (the default) reconstructs an image that looks right to people but that
-//! semantic models misread; [`Codec::decode_full`] with the right condition gives the full-semantics
-//! reconstruction.
+//! the shielded decode (the default) reconstructs an image that looks right to people but that
+//! semantic models misread; the full decode, given the right condition, gives the
+//! full-semantics reconstruction.
+//!
+//! Where things live:
+//! - [`backbone`]: the [`LicBackbone`] trait and the learned codecs (Ballé scale hyperprior);
+//! - [`layers`]: convolutions, GDN, sub-pixel convolution with PyTorch/CompressAI semantics;
+//! - [`entropy`]: the rANS [`EntropyCoder`](entropy::EntropyCoder), CDF tables, and the
+//!   entropy models;
+//! - [`bitstream`]: the container format (`docs/FORMAT.md`);
+//! - [`model`]: self-describing model files and the CompressAI checkpoint importer;
+//! - [`codec`]: [`Codec`], which ties them together.
 #![warn(missing_docs)]
 
+pub mod backbone;
+pub mod bitstream;
+pub mod codec;
 pub mod entropy;
 pub mod error;
+pub mod image_io;
+pub mod layers;
+pub mod model;
+mod tensor_util;
 
+pub use backbone::LicBackbone;
+pub use codec::Codec;
 pub use error::{Error, Result};
+pub use model::ModelFile;

@@ -2,8 +2,12 @@
 //! models of CompressAI — the factorized [`EntropyBottleneck`] for the hyper-latent and the
 //! [`GaussianConditional`] for the latent.
 
+mod bottleneck;
 pub mod cdf;
 pub mod coder;
+mod gaussian;
 
+pub use bottleneck::EntropyBottleneck;
 pub use cdf::{pmf_to_quantized_cdf, CdfTables};
 pub use coder::{EntropyCoder, RansCoder};
+pub use gaussian::{default_scale_table, GaussianConditional, SCALE_BOUND};

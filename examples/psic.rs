@@ -1,0 +1,170 @@
+//! The psic command line.
+//!
+//! ```text
+//! cargo run --release --example psic -- convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]
+//! cargo run --release --example psic -- encode -m MODEL -i IN.png -o OUT.psic
+//! cargo run --release --example psic -- decode -m MODEL -i IN.psic -o OUT.png
+//! cargo run --release --example psic -- info -i IN.psic
+//! ```
+//! Errors are one line on stderr and a non-zero exit code.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::Device;
+use psic::bitstream::{fingerprint_hex, Bitstream};
+use psic::image_io::{load_image, save_png, write_atomic};
+use psic::{Codec, Error, ModelFile, Result};
+
+const USAGE: &str = "usage: psic <command> [options]
+commands:
+  convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]
+          import a CompressAI checkpoint (.safetensors, .pth, .pth.tar) as a psic model file
+  encode  -m MODEL -i IN.png -o OUT.psic      compress an image
+  decode  -m MODEL -i IN.psic -o OUT.png      decompress a stream
+  info    -i IN.psic                          print a stream's header";
+
+/// Parsed `--flag value` pairs; `-x` and `--long` names both accepted.
+struct Args {
+    values: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(args: &[String], known: &[(&str, &str)]) -> Result<Self> {
+        let mut values = HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let Some(&(_, long)) = known.iter().find(|(s, l)| a == s || a == l) else {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown option {a}\n{USAGE}"
+                )));
+            };
+            let v = it
+                .next()
+                .ok_or_else(|| Error::InvalidArgument(format!("{a} needs a value")))?;
+            values.insert(long.to_string(), v.clone());
+        }
+        Ok(Self { values })
+    }
+
+    fn get(&self, long: &str) -> Result<&str> {
+        self.values
+            .get(long)
+            .map(String::as_str)
+            .ok_or_else(|| Error::InvalidArgument(format!("missing {long}\n{USAGE}")))
+    }
+
+    fn opt(&self, long: &str) -> Option<&str> {
+        self.values.get(long).map(String::as_str)
+    }
+}
+
+fn convert(args: &[String]) -> Result<()> {
+    let a = Args::parse(
+        args,
+        &[("-i", "--input"), ("-o", "--output"), ("-a", "--arch")],
+    )?;
+    let t = Instant::now();
+    let model = ModelFile::import(a.get("--input")?, a.opt("--arch"), &Device::Cpu)?;
+    model.save(a.get("--output")?)?;
+    println!(
+        "wrote {} ({} {}, fingerprint {}) in {:.2} s",
+        a.get("--output")?,
+        model.architecture.name(),
+        model.architecture.config_json(),
+        fingerprint_hex(&model.fingerprint()?),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn encode(args: &[String]) -> Result<()> {
+    let a = Args::parse(
+        args,
+        &[("-m", "--model"), ("-i", "--input"), ("-o", "--output")],
+    )?;
+    let t = Instant::now();
+    let codec = Codec::load(a.get("--model")?)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let img = load_image(a.get("--input")?)?;
+    let t = Instant::now();
+    let bytes = codec.encode(&img)?;
+    let enc_s = t.elapsed().as_secs_f64();
+    write_atomic(a.get("--output")?, &bytes)?;
+    let bpp = bytes.len() as f64 * 8.0 / (img.width() as f64 * img.height() as f64);
+    println!(
+        "{}x{} -> {} bytes, {bpp:.4} bpp; model load {load_s:.2} s, encode {enc_s:.2} s",
+        img.width(),
+        img.height(),
+        bytes.len()
+    );
+    Ok(())
+}
+
+fn decode(args: &[String]) -> Result<()> {
+    let a = Args::parse(
+        args,
+        &[("-m", "--model"), ("-i", "--input"), ("-o", "--output")],
+    )?;
+    let t = Instant::now();
+    let codec = Codec::load(a.get("--model")?)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let input = a.get("--input")?;
+    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let t = Instant::now();
+    let img = codec.decode(&bytes)?;
+    let dec_s = t.elapsed().as_secs_f64();
+    save_png(a.get("--output")?, &img)?;
+    let bpp = bytes.len() as f64 * 8.0 / (img.width() as f64 * img.height() as f64);
+    println!(
+        "{} bytes -> {}x{}, {bpp:.4} bpp; model load {load_s:.2} s, decode {dec_s:.2} s",
+        bytes.len(),
+        img.width(),
+        img.height()
+    );
+    Ok(())
+}
+
+fn info(args: &[String]) -> Result<()> {
+    let a = Args::parse(args, &[("-i", "--input")])?;
+    let input = a.get("--input")?;
+    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let s = Bitstream::from_bytes(&bytes)?;
+    println!(
+        "psic stream v{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
+        psic::bitstream::VERSION,
+        s.width,
+        s.height,
+        s.pad_right,
+        s.pad_bottom,
+        fingerprint_hex(&s.fingerprint),
+        s.y_shape,
+        s.z_shape,
+        s.strings.iter().map(Vec::len).collect::<Vec<_>>(),
+        bytes.len() as f64 * 8.0 / (s.width as f64 * s.height as f64)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("convert") => convert(&args[1..]),
+        Some("encode") => encode(&args[1..]),
+        Some("decode") => decode(&args[1..]),
+        Some("info") => info(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(Error::InvalidArgument(USAGE.to_string())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

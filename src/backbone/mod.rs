@@ -1,0 +1,108 @@
+//! Learned image compression backbones behind one trait, [`LicBackbone`].
+//!
+//! A backbone is the four transforms of a hyperprior codec plus its two entropy models:
+//!
+//! ```text
+//! x ──g_a──▶ y ──h_a(|y|)──▶ z ──EntropyBottleneck──▶ z_hat ──h_s──▶ scales (means)
+//!                 y ──GaussianConditional(scales)──▶ y_hat ──g_s(+ triggers)──▶ x_hat
+//! ```
+//!
+//! Shielding (PSIC) only touches the synthesis `g_s`: a backbone declares *injection points* —
+//! places between synthesis layers where a per-channel bias ("trigger") may be added — and
+//! [`LicBackbone::synthesis`] takes the triggers for them. Encoding never sees the triggers, so
+//! the bitstream is the same whatever decode is asked for.
+
+mod hyperprior;
+
+pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
+
+use candle_core::{Device, Tensor};
+
+use crate::entropy::{EntropyBottleneck, GaussianConditional};
+use crate::{Error, Result};
+
+/// Parameters of the conditional Gaussian of `y`, predicted by the hyper-synthesis.
+#[derive(Debug, Clone)]
+pub struct GaussianParams {
+    /// Standard deviations, shape of `y`.
+    pub scales: Tensor,
+    /// Means, shape of `y`; `None` for zero-mean models (Ballé's scale hyperprior).
+    pub means: Option<Tensor>,
+}
+
+/// Per-channel biases added at a synthesis transform's injection points: entry `i` has shape
+/// `[B, C_i]` where `C_i` is the width of injection point `i`.
+#[derive(Debug, Clone)]
+pub struct Triggers(pub Vec<Tensor>);
+
+impl Triggers {
+    /// Checks the triggers against a backbone's injection points and batch size.
+    pub fn check(&self, points: &[usize], batch: usize) -> Result<()> {
+        if self.0.len() != points.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} triggers for {} injection points",
+                self.0.len(),
+                points.len()
+            )));
+        }
+        for (i, (t, &c)) in self.0.iter().zip(points).enumerate() {
+            let dims = t.dims();
+            if dims.len() != 2 || dims[1] != c || (dims[0] != batch && dims[0] != 1) {
+                return Err(Error::InvalidArgument(format!(
+                    "trigger {i} has shape {dims:?}, expected [{batch} or 1, {c}]"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds trigger `i` to a `[B, C, H, W]` activation, broadcast over `H` and `W`.
+    pub fn inject(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let t = &self.0[i];
+        let (b, c) = t.dims2()?;
+        Ok(x.broadcast_add(&t.reshape((b, c, 1, 1))?)?)
+    }
+}
+
+/// A learned image codec with a hyperprior: the transforms and entropy models of CompressAI's
+/// `CompressionModel`s, typed.
+///
+/// Images enter as `[B, 3, H, W]` floats in `[0, 1]` with `H` and `W` multiples of
+/// [`alignment`](Self::alignment); the codec layer pads and crops.
+pub trait LicBackbone: Send + Sync + std::fmt::Debug {
+    /// Architecture name as written in model files (e.g. `bmshj2018-hyperprior`).
+    fn architecture(&self) -> &'static str;
+    /// The architecture's configuration as JSON (written to, and read from, model files).
+    fn config_json(&self) -> serde_json::Value;
+    /// Device the weights live on.
+    fn device(&self) -> &Device;
+    /// Input sizes must be multiples of this (the hyper-latent's total stride).
+    fn alignment(&self) -> usize {
+        64
+    }
+    /// Spatial stride of `y` relative to the image.
+    fn latent_stride(&self) -> usize {
+        16
+    }
+    /// Channels of the latent `y`.
+    fn latent_channels(&self) -> usize;
+    /// Channels of the hyper-latent `z`.
+    fn hyper_channels(&self) -> usize;
+
+    /// Analysis transform `g_a`: image to latent `y`.
+    fn analysis(&self, x: &Tensor) -> Result<Tensor>;
+    /// Hyper analysis `h_a`: latent `y` to hyper-latent `z`.
+    fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor>;
+    /// Hyper synthesis `h_s`: quantised hyper-latent to the Gaussian parameters of `y`.
+    fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams>;
+    /// Widths of the synthesis transform's injection points, in the order they are applied.
+    fn injection_points(&self) -> Vec<usize>;
+    /// Synthesis transform `g_s`: quantised latent to image (not clamped), with optional
+    /// triggers at the injection points. `None` is the plain synthesis.
+    fn synthesis(&self, y_hat: &Tensor, triggers: Option<&Triggers>) -> Result<Tensor>;
+
+    /// The entropy model of `z`.
+    fn entropy_bottleneck(&self) -> &EntropyBottleneck;
+    /// The entropy model of `y`.
+    fn gaussian_conditional(&self) -> &GaussianConditional;
+}

@@ -1,0 +1,248 @@
+//! The psic bitstream container (version 1). `docs/FORMAT.md` is the normative description.
+//!
+//! ```text
+//! offset size  field
+//!  0     4     magic "PSIC"
+//!  4     2     format version (u16 LE) = 1
+//!  6     2     flags (u16 LE), must be 0 in version 1
+//!  8     16    model fingerprint (first 16 bytes of the model's SHA-256)
+//! 24     4+4   original width, height (u32 LE)
+//! 32     2+2   padding added on the right, at the bottom (u16 LE)
+//! 36     12    y shape C, H, W (u32 LE each)
+//! 48     12    z shape C, H, W (u32 LE each)
+//! 60     1     number of strings S
+//! 61     ...   S times: length (u32 LE), bytes
+//! end-4  4     CRC-32 (IEEE) of every byte before it
+//! ```
+
+use crate::{Error, Result};
+
+/// The four magic bytes that open every psic stream.
+pub const MAGIC: [u8; 4] = *b"PSIC";
+/// The format version this build writes and the newest it reads.
+pub const VERSION: u16 = 1;
+/// Length of a model fingerprint in bytes.
+pub const FINGERPRINT_LEN: usize = 16;
+/// Largest accepted image side, to bound allocations on hostile input.
+pub const MAX_SIDE: u32 = 1 << 15;
+/// Largest accepted string count.
+const MAX_STRINGS: usize = 8;
+const HEADER_LEN: usize = 61;
+
+/// Identifies the model that wrote a stream; a decoder refuses streams from other models.
+pub type Fingerprint = [u8; FINGERPRINT_LEN];
+
+/// Everything a psic stream holds, parsed and checked for internal consistency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitstream {
+    /// Fingerprint of the model that wrote the stream.
+    pub fingerprint: Fingerprint,
+    /// Original image width in pixels.
+    pub width: u32,
+    /// Original image height in pixels.
+    pub height: u32,
+    /// Pixels of padding added on the right before encoding.
+    pub pad_right: u16,
+    /// Pixels of padding added at the bottom before encoding.
+    pub pad_bottom: u16,
+    /// Shape `[C, H, W]` of the latent `y`.
+    pub y_shape: [u32; 3],
+    /// Shape `[C, H, W]` of the hyper-latent `z`.
+    pub z_shape: [u32; 3],
+    /// The entropy-coded strings (for the hyperprior: `y` then `z`).
+    pub strings: Vec<Vec<u8>>,
+}
+
+/// Hex form of a fingerprint, for messages.
+pub fn fingerprint_hex(f: &Fingerprint) -> String {
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| Error::Bitstream("stream is truncated".into()))?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn shape(&mut self) -> Result<[u32; 3]> {
+        Ok([self.u32()?, self.u32()?, self.u32()?])
+    }
+}
+
+impl Bitstream {
+    /// Serialises the stream.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if self.strings.len() > MAX_STRINGS {
+            return Err(Error::InvalidArgument(format!(
+                "{} strings (at most {MAX_STRINGS})",
+                self.strings.len()
+            )));
+        }
+        let body: usize = self.strings.iter().map(|s| 4 + s.len()).sum();
+        let mut out = Vec::with_capacity(HEADER_LEN + body + 4);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&self.width.to_le_bytes());
+        out.extend_from_slice(&self.height.to_le_bytes());
+        out.extend_from_slice(&self.pad_right.to_le_bytes());
+        out.extend_from_slice(&self.pad_bottom.to_le_bytes());
+        for v in self.y_shape.iter().chain(&self.z_shape) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.push(self.strings.len() as u8);
+        for s in &self.strings {
+            let len = u32::try_from(s.len())
+                .map_err(|_| Error::InvalidArgument("entropy-coded string over 4 GiB".into()))?;
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(s);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Parses and checks a stream: magic, version, integrity (CRC-32), sizes and lengths.
+    /// Model-specific checks (fingerprint, latent shapes) are the codec's.
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        if data.len() < 4 || data[..4] != MAGIC {
+            return Err(Error::Bitstream(
+                "not a psic stream (missing \"PSIC\" magic bytes)".into(),
+            ));
+        }
+        if data.len() < 6 {
+            return Err(Error::Bitstream("stream is truncated".into()));
+        }
+        let version = u16::from_le_bytes([data[4], data[5]]);
+        if version > VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if version == 0 {
+            return Err(Error::Bitstream("format version 0 does not exist".into()));
+        }
+        if data.len() < HEADER_LEN + 4 {
+            return Err(Error::Bitstream("stream is truncated".into()));
+        }
+        let (payload, crc) = data.split_at(data.len() - 4);
+        let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+        if crc32fast::hash(payload) != stored {
+            return Err(Error::Bitstream(
+                "integrity check failed: the stream is corrupted or truncated".into(),
+            ));
+        }
+        let mut r = Reader {
+            data: payload,
+            pos: 6,
+        };
+        if r.u16()? != 0 {
+            return Err(Error::Bitstream("unknown flags set in header".into()));
+        }
+        let fingerprint: Fingerprint = r.take(FINGERPRINT_LEN)?.try_into().expect("16 bytes");
+        let (width, height) = (r.u32()?, r.u32()?);
+        let (pad_right, pad_bottom) = (r.u16()?, r.u16()?);
+        let (y_shape, z_shape) = (r.shape()?, r.shape()?);
+        if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
+            return Err(Error::Bitstream(format!(
+                "image size {width}x{height} outside 1..={MAX_SIDE}"
+            )));
+        }
+        let n = r.take(1)?[0] as usize;
+        if n > MAX_STRINGS {
+            return Err(Error::Bitstream(format!(
+                "{n} strings (at most {MAX_STRINGS})"
+            )));
+        }
+        let mut strings = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = r.u32()? as usize;
+            strings.push(r.take(len)?.to_vec());
+        }
+        if r.pos != payload.len() {
+            return Err(Error::Bitstream(format!(
+                "{} unexpected bytes after the last string",
+                payload.len() - r.pos
+            )));
+        }
+        Ok(Self {
+            fingerprint,
+            width,
+            height,
+            pad_right,
+            pad_bottom,
+            y_shape,
+            z_shape,
+            strings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Bitstream {
+        Bitstream {
+            fingerprint: [7; FINGERPRINT_LEN],
+            width: 100,
+            height: 60,
+            pad_right: 28,
+            pad_bottom: 4,
+            y_shape: [8, 4, 8],
+            z_shape: [4, 1, 2],
+            strings: vec![vec![1, 2, 3, 4], vec![9; 8]],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = sample();
+        assert_eq!(Bitstream::from_bytes(&b.to_bytes().unwrap()).unwrap(), b);
+    }
+
+    #[test]
+    fn rejects_every_truncation_and_single_bit_flip() {
+        let bytes = sample().to_bytes().unwrap();
+        for len in 0..bytes.len() {
+            assert!(Bitstream::from_bytes(&bytes[..len]).is_err(), "len {len}");
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut c = bytes.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(Bitstream::from_bytes(&c).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn newer_version_is_a_typed_error() {
+        let mut bytes = sample().to_bytes().unwrap();
+        bytes[4] = 2;
+        assert!(matches!(
+            Bitstream::from_bytes(&bytes),
+            Err(Error::UnsupportedVersion { found: 2, .. })
+        ));
+    }
+}

@@ -1,0 +1,199 @@
+//! [`Codec`]: images in, psic bitstreams out, and back.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+use crate::backbone::{LicBackbone, Triggers};
+use crate::bitstream::{fingerprint_hex, Bitstream, Fingerprint, MAX_SIDE};
+use crate::entropy::{EntropyCoder, RansCoder};
+use crate::image_io::{image_to_tensor, pad_to_multiple, tensor_to_image};
+use crate::model::ModelFile;
+use crate::{Error, Result};
+
+/// A learned image codec ready to encode and decode: a backbone, its fingerprint and an
+/// entropy coder.
+pub struct Codec {
+    backbone: Box<dyn LicBackbone>,
+    fingerprint: Fingerprint,
+    coder: Box<dyn EntropyCoder + Send + Sync>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("architecture", &self.backbone.architecture())
+            .field("config", &self.backbone.config_json())
+            .field("fingerprint", &fingerprint_hex(&self.fingerprint))
+            .finish()
+    }
+}
+
+/// The decoded latent of a stream, before synthesis.
+#[derive(Debug, Clone)]
+pub struct DecodedLatent {
+    /// The parsed stream.
+    pub stream: Bitstream,
+    /// The quantised latent `y_hat`, `[1, C, H, W]`.
+    pub y_hat: Tensor,
+}
+
+impl Codec {
+    /// Loads a psic model file onto the CPU.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_on(path, &Device::Cpu)
+    }
+
+    /// Loads a psic model file onto `device`.
+    pub fn load_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_model_file(&ModelFile::load(path, device)?, device)
+    }
+
+    /// Builds a codec from a parsed model file.
+    pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
+        Ok(Self::new(
+            model.build_backbone(device)?,
+            model.fingerprint()?,
+        ))
+    }
+
+    /// A codec over any backbone; `fingerprint` identifies its weights in the streams it writes.
+    pub fn new(backbone: Box<dyn LicBackbone>, fingerprint: Fingerprint) -> Self {
+        Self {
+            backbone,
+            fingerprint,
+            coder: Box::new(RansCoder),
+        }
+    }
+
+    /// Replaces the entropy coder (the default is the pure-Rust, CompressAI-compatible rANS).
+    pub fn with_coder(mut self, coder: Box<dyn EntropyCoder + Send + Sync>) -> Self {
+        self.coder = coder;
+        self
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &dyn LicBackbone {
+        self.backbone.as_ref()
+    }
+
+    /// The fingerprint written into (and required of) every stream.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    /// Compresses an 8-bit RGB image of any size into a psic bitstream.
+    pub fn encode(&self, img: &RgbImage) -> Result<Vec<u8>> {
+        let (w, h) = img.dimensions();
+        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+            return Err(Error::Image(format!(
+                "image size {w}x{h} outside 1..={MAX_SIDE} pixels per side"
+            )));
+        }
+        let b = self.backbone.as_ref();
+        let x = image_to_tensor(img, b.device())?;
+        let (x, pad_w, pad_h) = pad_to_multiple(&x, b.alignment())?;
+        let y = b.analysis(&x)?;
+        let z = b.hyper_analysis(&y)?;
+        let eb = b.entropy_bottleneck();
+        let z_strings = eb.compress(&z, self.coder.as_ref())?;
+        let z_hat = eb.quantize(&z)?;
+        let params = b.hyper_synthesis(&z_hat)?;
+        let gc = b.gaussian_conditional();
+        let indexes = gc.build_indexes(&params.scales)?;
+        let y_strings = gc.compress(&y, &indexes, params.means.as_ref(), self.coder.as_ref())?;
+        let shape3 = |t: &Tensor| -> Result<[u32; 3]> {
+            let (_, c, h, w) = t.dims4()?;
+            Ok([c as u32, h as u32, w as u32])
+        };
+        let stream = Bitstream {
+            fingerprint: self.fingerprint,
+            width: w,
+            height: h,
+            pad_right: pad_w as u16,
+            pad_bottom: pad_h as u16,
+            y_shape: shape3(&y)?,
+            z_shape: shape3(&z)?,
+            strings: vec![
+                y_strings.into_iter().next().unwrap_or_default(),
+                z_strings.into_iter().next().unwrap_or_default(),
+            ],
+        };
+        stream.to_bytes()
+    }
+
+    /// Parses a stream, checks that this model wrote it and that its shapes fit the model.
+    pub fn parse(&self, bytes: &[u8]) -> Result<Bitstream> {
+        let s = Bitstream::from_bytes(bytes)?;
+        if s.fingerprint != self.fingerprint {
+            return Err(Error::ModelMismatch {
+                stream: fingerprint_hex(&s.fingerprint),
+                model: fingerprint_hex(&self.fingerprint),
+            });
+        }
+        let b = self.backbone.as_ref();
+        let (align, stride) = (b.alignment() as u32, b.latent_stride() as u32);
+        let (pw, ph) = (s.width + s.pad_right as u32, s.height + s.pad_bottom as u32);
+        let ok_pad = (s.pad_right as u32) < align
+            && (s.pad_bottom as u32) < align
+            && pw % align == 0
+            && ph % align == 0;
+        let y_expect = [b.latent_channels() as u32, ph / stride, pw / stride];
+        let z_expect = [b.hyper_channels() as u32, ph / align, pw / align];
+        if !ok_pad || s.y_shape != y_expect || s.z_shape != z_expect || s.strings.len() != 2 {
+            return Err(Error::Bitstream(format!(
+                "header is inconsistent with the model: {}x{} + padding {}x{}, y {:?}, z {:?}, {} strings",
+                s.width,
+                s.height,
+                s.pad_right,
+                s.pad_bottom,
+                s.y_shape,
+                s.z_shape,
+                s.strings.len()
+            )));
+        }
+        Ok(s)
+    }
+
+    /// Entropy-decodes a stream into its quantised latent.
+    pub fn decode_latent(&self, bytes: &[u8]) -> Result<DecodedLatent> {
+        let stream = self.parse(bytes)?;
+        let b = self.backbone.as_ref();
+        let [_, zh, zw] = stream.z_shape.map(|v| v as usize);
+        let [c, yh, yw] = stream.y_shape.map(|v| v as usize);
+        let coder = self.coder.as_ref();
+        let z_hat = b
+            .entropy_bottleneck()
+            .decompress(&[&stream.strings[1]], (zh, zw), coder)?;
+        let params = b.hyper_synthesis(&z_hat)?;
+        let gc = b.gaussian_conditional();
+        let indexes = gc.build_indexes(&params.scales)?;
+        let y_hat = gc.decompress(
+            &[&stream.strings[0]],
+            &indexes,
+            (1, c, yh, yw),
+            params.means.as_ref(),
+            coder,
+            b.device(),
+        )?;
+        Ok(DecodedLatent { stream, y_hat })
+    }
+
+    /// Synthesises the image of a decoded latent with optional triggers, cropped to the
+    /// original size.
+    pub fn reconstruct(
+        &self,
+        latent: &DecodedLatent,
+        triggers: Option<&Triggers>,
+    ) -> Result<RgbImage> {
+        let x_hat = self.backbone.synthesis(&latent.y_hat, triggers)?;
+        let (w, h) = (latent.stream.width as usize, latent.stream.height as usize);
+        tensor_to_image(&x_hat.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// Decodes a stream with the backbone's plain synthesis.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
+        self.reconstruct(&self.decode_latent(bytes)?, None)
+    }
+}

@@ -1,0 +1,88 @@
+//! Generalized divisive normalization (Ballé et al.), with CompressAI's parametrisation.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::Result;
+
+/// CompressAI's reparametrisation offset: `2^-18`.
+const REPARAM_OFFSET: f64 = 1.0 / 262_144.0;
+/// CompressAI's `beta_min`.
+const BETA_MIN: f64 = 1e-6;
+/// CompressAI's initial `gamma` diagonal.
+const GAMMA_INIT: f64 = 0.1;
+
+/// GDN (`y = x / sqrt(beta + gamma · x²)`) or, with `inverse`, IGDN (`y = x * sqrt(...)`).
+///
+/// The stored `beta` `[C]` and `gamma` `[C, C]` are CompressAI's non-negative reparametrisation:
+/// the value used is `max(p, bound)² − pedestal`, with `pedestal = 2^-36`, `beta`'s bound
+/// `sqrt(1e-6 + pedestal)` and `gamma`'s bound `2^-18`, so CompressAI checkpoints load unchanged.
+/// The `gamma · x²` term is a 1x1 convolution, computed as a channel matmul (cheaper than
+/// candle's generic convolution for 1x1 kernels).
+#[derive(Debug, Clone)]
+pub struct Gdn {
+    beta: Tensor,
+    gamma: Tensor,
+    inverse: bool,
+}
+
+fn reparametrise(p: &Tensor, bound: f64, pedestal: f64) -> candle_core::Result<Tensor> {
+    // max() passes the gradient through where p > bound, which is what training needs.
+    p.maximum(bound)?.sqr()? - pedestal
+}
+
+impl Gdn {
+    /// Loads (or creates, initialised as CompressAI does) a GDN layer over `channels` channels.
+    pub fn new(vb: VarBuilder, channels: usize, inverse: bool) -> Result<Self> {
+        let pedestal = REPARAM_OFFSET * REPARAM_OFFSET;
+        let beta_bound = (BETA_MIN + pedestal).sqrt();
+        let gamma_bound = REPARAM_OFFSET;
+        let beta_p = vb.get_with_hints(channels, "beta", Init::Const((1.0 + pedestal).sqrt()))?;
+        let gamma_p = if vb.contains_tensor("gamma") {
+            vb.get((channels, channels), "gamma")?
+        } else {
+            // CompressAI initialises gamma to sqrt(0.1 * I + pedestal); VarBuilder has no identity
+            // init, so create the variable with the off-diagonal value and set the diagonal.
+            let off = pedestal.sqrt();
+            let var = vb.get_with_hints((channels, channels), "gamma", Init::Const(off))?;
+            let diag = (GAMMA_INIT + pedestal).sqrt() - off;
+            let eye = Tensor::eye(channels, var.dtype(), var.device())?;
+            let init = (&var + (eye * diag)?)?;
+            set_var_value(&vb, "gamma", &init)?;
+            vb.get((channels, channels), "gamma")?
+        };
+        Ok(Self {
+            beta: reparametrise(&beta_p, beta_bound, pedestal)?,
+            gamma: reparametrise(&gamma_p, gamma_bound, pedestal)?,
+            inverse,
+        })
+    }
+}
+
+/// Overwrites a freshly created variable of a `VarMap`-backed builder (used for custom inits).
+fn set_var_value(vb: &VarBuilder, name: &str, value: &Tensor) -> Result<()> {
+    let t = vb.get(value.dims(), name)?;
+    // Tensors from a VarMap-backed builder are `Var`s sharing storage with the map.
+    if t.is_variable() {
+        candle_core::Var::from_tensor(&t)?.set(value)?;
+    }
+    Ok(())
+}
+
+impl Module for Gdn {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let x2 = x.sqr()?.reshape((b, c, h * w))?;
+        let norm = self
+            .gamma
+            .broadcast_matmul(&x2)?
+            .broadcast_add(&self.beta.reshape((c, 1))?)?
+            .sqrt()?
+            .reshape((b, c, h, w))?;
+        if self.inverse {
+            x * norm
+        } else {
+            x / norm
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Neural-network layers with PyTorch/CompressAI semantics, so CompressAI checkpoints load unchanged.
+//!
+//! Every layer loads its weights by name through a [`candle_nn::VarBuilder`] (`weight`, `bias`,
+//! `beta`, `gamma`, ...), exactly as the matching PyTorch module names them in a state dict, and
+//! creates trainable variables when the builder is backed by a `VarMap`.
+
+mod conv;
+mod gdn;
+mod subpel;
+
+pub use conv::{Conv2d, ConvTranspose2d};
+pub use gdn::Gdn;
+pub use subpel::SubpelConv2d;

@@ -1,0 +1,364 @@
+//! Self-describing model files and the checkpoint importer.
+//!
+//! A psic model file is a safetensors file whose metadata names the architecture and its
+//! configuration, so a model loads from a path alone:
+//!
+//! | metadata key | value |
+//! | --- | --- |
+//! | `format` | `psic-model` |
+//! | `psic.model_version` | `1` |
+//! | `architecture` | e.g. `bmshj2018-hyperprior` |
+//! | `config` | the architecture's configuration as JSON, e.g. `{"n":128,"m":192}` |
+//!
+//! Tensors keep CompressAI's names. The model's *fingerprint*, written into every bitstream, is
+//! the first 16 bytes of a SHA-256 over the architecture, the configuration and every tensor
+//! (name, dtype, shape, bytes) in name order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sha2::{Digest, Sha256};
+
+use crate::backbone::{LicBackbone, ScaleHyperprior, ScaleHyperpriorConfig};
+use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
+use crate::{Error, Result};
+
+/// `format` metadata value of psic model files.
+pub const MODEL_FORMAT: &str = "psic-model";
+/// Version of the model-file layout this build writes and reads.
+pub const MODEL_VERSION: &str = "1";
+
+/// CompressAI buffers that hold integers (some converters store them as floats).
+const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
+
+/// The architectures psic can build, with their configurations.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Architecture {
+    /// Ballé et al. 2018 scale hyperprior (`bmshj2018-hyperprior`).
+    ScaleHyperprior(ScaleHyperpriorConfig),
+}
+
+impl Architecture {
+    /// All architecture names psic knows.
+    pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior"];
+
+    /// The name written into model files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::ScaleHyperprior(_) => "bmshj2018-hyperprior",
+        }
+    }
+
+    /// The configuration as JSON.
+    pub fn config_json(&self) -> serde_json::Value {
+        match self {
+            Architecture::ScaleHyperprior(c) => serde_json::to_value(c).unwrap_or_default(),
+        }
+    }
+
+    /// Parses a name and JSON configuration (as stored in model-file metadata).
+    pub fn from_name_and_config(name: &str, config: &str) -> Result<Self> {
+        let bad = |e: serde_json::Error| Error::Model(format!("bad {name} config {config:?}: {e}"));
+        match name {
+            "bmshj2018-hyperprior" => Ok(Architecture::ScaleHyperprior(
+                serde_json::from_str(config).map_err(bad)?,
+            )),
+            other => Err(Error::Model(format!(
+                "unknown architecture {other:?} (known: {})",
+                Self::NAMES.join(", ")
+            ))),
+        }
+    }
+
+    /// Infers the architecture and its size from the tensor names and shapes of a state dict.
+    pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let dim = |name: &str, i: usize| -> Result<usize> {
+            tensors
+                .get(name)
+                .and_then(|t| t.dims().get(i).copied())
+                .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
+        };
+        if tensors.contains_key("g_s.0.weight") && tensors.contains_key("h_s.4.weight") {
+            let n = dim("g_a.0.weight", 0)?;
+            let m = dim("g_a.6.weight", 0)?;
+            // A mean-scale hyperprior's h_s ends with 2M channels; only the scale variant is
+            // implemented, so refuse rather than mis-load.
+            if dim("h_s.4.weight", 0)? != m {
+                return Err(Error::Model(
+                    "h_s predicts means and scales (mean-scale hyperprior): not supported yet"
+                        .into(),
+                ));
+            }
+            return Ok(Architecture::ScaleHyperprior(ScaleHyperpriorConfig {
+                n,
+                m,
+            }));
+        }
+        Err(Error::Model(format!(
+            "cannot infer the architecture from the checkpoint's keys (known: {}); pass --arch",
+            Self::NAMES.join(", ")
+        )))
+    }
+
+    /// Builds the backbone from weights in `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn LicBackbone>> {
+        Ok(match self {
+            Architecture::ScaleHyperprior(c) => Box::new(ScaleHyperprior::new(vb, c)?),
+        })
+    }
+}
+
+/// A model read from (or about to be written to) a psic model file.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    /// Architecture and configuration.
+    pub architecture: Architecture,
+    /// All weights and buffers by CompressAI name.
+    pub tensors: HashMap<String, Tensor>,
+    /// Further metadata (provenance, training facts), kept verbatim.
+    pub extra_metadata: BTreeMap<String, String>,
+}
+
+impl ModelFile {
+    /// Reads a psic model file.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, device).map_err(|e| match e {
+            Error::Model(m) => Error::Model(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Parses a psic model file from memory.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::Model(format!("not a safetensors file: {e}")))?;
+        let mut info: BTreeMap<String, String> = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        if info.get("format").map(String::as_str) != Some(MODEL_FORMAT) {
+            return Err(Error::Model(
+                "not a psic model file (no format=psic-model metadata); import checkpoints with \
+                 `psic convert`"
+                    .into(),
+            ));
+        }
+        match info.get("psic.model_version").map(String::as_str) {
+            Some(MODEL_VERSION) => {}
+            v => {
+                return Err(Error::Model(format!(
+                    "model file version {v:?} is not supported (this build reads {MODEL_VERSION})"
+                )))
+            }
+        }
+        let arch = info
+            .remove("architecture")
+            .ok_or_else(|| Error::Model("model file names no architecture".into()))?;
+        let config = info
+            .remove("config")
+            .ok_or_else(|| Error::Model("model file has no config".into()))?;
+        info.remove("format");
+        info.remove("psic.model_version");
+        let architecture = Architecture::from_name_and_config(&arch, &config)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
+        Ok(Self {
+            architecture,
+            tensors,
+            extra_metadata: info,
+        })
+    }
+
+    /// Imports a CompressAI-style checkpoint: safetensors with CompressAI key names, or a
+    /// PyTorch pickle (`.pth`, `.pth.tar`, `.pt`; a `{"state_dict": ...}` wrapper is unwrapped).
+    /// The architecture is inferred from the keys unless given. Integer buffers stored as floats
+    /// become `i32`, and missing CDF tables are computed.
+    pub fn import(path: impl AsRef<Path>, arch: Option<&str>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            ));
+        }
+        let is_safetensors = std::fs::read(path)
+            .map_err(|e| Error::io(path, e))
+            .map(|b| safetensors::SafeTensors::read_metadata(&b).is_ok())?;
+        let mut tensors: HashMap<String, Tensor> = if is_safetensors {
+            candle_core::safetensors::load(path, device)?
+        } else {
+            let pairs = candle_core::pickle::read_all_with_key(path, Some("state_dict"))
+                .or_else(|_| candle_core::pickle::read_all(path))
+                .map_err(|e| {
+                    Error::Model(format!(
+                        "{}: neither safetensors nor a readable PyTorch checkpoint: {e}",
+                        path.display()
+                    ))
+                })?;
+            pairs
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_device(device)?)))
+                .collect::<Result<_>>()?
+        };
+        // DataParallel checkpoints prefix every key with "module.".
+        if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("module.")) {
+            tensors = tensors
+                .into_iter()
+                .map(|(k, v)| (k["module.".len()..].to_string(), v))
+                .collect();
+        }
+        for (name, t) in tensors.iter_mut() {
+            if INT_BUFFERS.iter().any(|b| name.ends_with(b)) && t.dtype() != DType::I32 {
+                let vals = crate::tensor_util::int_buffer(t)?;
+                *t = Tensor::from_vec(vals, t.shape(), device)?;
+            }
+        }
+        let architecture = match arch {
+            Some(a) => {
+                let inferred = Architecture::infer(&tensors)?;
+                if inferred.name() != a {
+                    return Err(Error::Model(format!(
+                        "--arch {a} given but the checkpoint's keys are those of {}",
+                        inferred.name()
+                    )));
+                }
+                inferred
+            }
+            None => Architecture::infer(&tensors)?,
+        };
+        let mut model = Self {
+            architecture,
+            tensors,
+            extra_metadata: BTreeMap::from([(
+                "source".to_string(),
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )]),
+        };
+        model.complete_cdf_tables(device)?;
+        // Building the backbone checks every tensor's presence and shape.
+        model.build_backbone(device)?;
+        Ok(model)
+    }
+
+    /// Adds CDF tables computed from the entropy models where the checkpoint has none.
+    fn complete_cdf_tables(&mut self, device: &Device) -> Result<()> {
+        let Architecture::ScaleHyperprior(cfg) = self.architecture.clone();
+        if !self
+            .tensors
+            .contains_key("entropy_bottleneck._quantized_cdf")
+        {
+            let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
+            let mut eb =
+                crate::entropy::EntropyBottleneck::new(vb.pp("entropy_bottleneck"), cfg.n)?;
+            eb.update()?;
+            let tables = eb.tables().expect("update builds tables");
+            self.insert_tables("entropy_bottleneck", tables, device)?;
+        }
+        if !self
+            .tensors
+            .contains_key("gaussian_conditional._quantized_cdf")
+        {
+            let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
+            let gc = crate::entropy::GaussianConditional::new(vb.pp("gaussian_conditional"))?;
+            let table =
+                Tensor::from_vec(gc.scale_table().to_vec(), gc.scale_table().len(), device)?;
+            self.tensors
+                .insert("gaussian_conditional.scale_table".into(), table);
+            self.insert_tables("gaussian_conditional", gc.tables(), device)?;
+        }
+        Ok(())
+    }
+
+    fn insert_tables(
+        &mut self,
+        prefix: &str,
+        tables: &crate::entropy::CdfTables,
+        device: &Device,
+    ) -> Result<()> {
+        let (padded, rows, width, lengths, offsets) = tables.to_padded();
+        let t = |v: Vec<i32>, shape: &[usize]| Tensor::from_vec(v, shape, device);
+        self.tensors.insert(
+            format!("{prefix}._quantized_cdf"),
+            t(padded, &[rows, width])?,
+        );
+        self.tensors
+            .insert(format!("{prefix}._cdf_length"), t(lengths, &[rows])?);
+        self.tensors
+            .insert(format!("{prefix}._offset"), t(offsets, &[rows])?);
+        Ok(())
+    }
+
+    /// Builds the backbone on `device` (weights converted to f32).
+    pub fn build_backbone(&self, device: &Device) -> Result<Box<dyn LicBackbone>> {
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
+        self.architecture.build(vb)
+    }
+
+    /// The model's fingerprint (see the module docs).
+    pub fn fingerprint(&self) -> Result<Fingerprint> {
+        let mut h = Sha256::new();
+        h.update(MODEL_FORMAT.as_bytes());
+        h.update([0]);
+        h.update(self.architecture.name().as_bytes());
+        h.update([0]);
+        h.update(self.architecture.config_json().to_string().as_bytes());
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &self.tensors[name];
+            h.update([0]);
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
+            h.update(tensor_le_bytes(t)?);
+        }
+        let digest = h.finalize();
+        let mut f = [0u8; FINGERPRINT_LEN];
+        f.copy_from_slice(&digest[..FINGERPRINT_LEN]);
+        Ok(f)
+    }
+
+    /// Serialises as a psic model file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut meta: HashMap<String, String> = self.extra_metadata.clone().into_iter().collect();
+        meta.insert("format".into(), MODEL_FORMAT.into());
+        meta.insert("psic.model_version".into(), MODEL_VERSION.into());
+        meta.insert("architecture".into(), self.architecture.name().into());
+        meta.insert("config".into(), self.architecture.config_json().to_string());
+        let mut sorted: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        safetensors::serialize(sorted, Some(meta))
+            .map_err(|e| Error::Model(format!("cannot serialise model: {e}")))
+    }
+
+    /// Writes the model file atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        crate::image_io::write_atomic(path, &self.to_bytes()?)
+    }
+}
+
+/// The raw little-endian bytes of a tensor in its own dtype.
+fn tensor_le_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    fn bytes<T: candle_core::WithDType, const N: usize>(
+        t: &Tensor,
+        f: impl Fn(T) -> [u8; N],
+    ) -> Result<Vec<u8>> {
+        Ok(t.to_vec1::<T>()?.into_iter().flat_map(f).collect())
+    }
+    let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+    match t.dtype() {
+        DType::U8 => Ok(t.to_vec1::<u8>()?),
+        DType::U32 => bytes(&t, u32::to_le_bytes),
+        DType::I32 => bytes(&t, i32::to_le_bytes),
+        DType::I64 => bytes(&t, i64::to_le_bytes),
+        DType::F16 => bytes(&t, half::f16::to_le_bytes),
+        DType::BF16 => bytes(&t, half::bf16::to_le_bytes),
+        DType::F64 => bytes(&t, f64::to_le_bytes),
+        _ => bytes(&t.to_dtype(DType::F32)?, f32::to_le_bytes),
+    }
+}

@@ -1,0 +1,27 @@
+//! Small conversions between candle tensors and plain vectors, with typed errors.
+
+use candle_core::{DType, Tensor};
+
+use crate::{Error, Result};
+
+/// Flattens any float tensor into `Vec<f32>` (NCHW order).
+pub(crate) fn tensor_to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// Reads an integer buffer stored either as an integer tensor or as exact float values (as some
+/// converted CompressAI checkpoints do). Non-integral or out-of-range values are an error.
+pub(crate) fn int_buffer(t: &Tensor) -> Result<Vec<i32>> {
+    let vals = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    vals.iter()
+        .map(|&v| {
+            if v.fract() == 0.0 && v >= i32::MIN as f64 && v <= i32::MAX as f64 {
+                Ok(v as i32)
+            } else {
+                Err(Error::Model(format!(
+                    "integer buffer holds the non-integer value {v}"
+                )))
+            }
+        })
+        .collect()
+}
