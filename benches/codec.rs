@@ -1,1 +1,80 @@
-fn main() {}
+//! Criterion benchmarks: encode and decode of the 768x512 CompressAI fixture image with the
+//! fixture model (ScaleHyperprior N128/M192), and the rANS coder alone on that image's y symbols.
+//!
+//! `cargo bench --bench codec` (needs `../shared/fixtures/compressai`; skips with a message
+//! otherwise).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::Device;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use psic::bitstream::Bitstream;
+use psic::entropy::{EntropyCoder, RansCoder};
+use psic::{Codec, ModelFile};
+
+fn fixture() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/compressai");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("skipped: {} not found", dir.display());
+        None
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let Some(dir) = fixture() else { return };
+    let model = ModelFile::import(
+        dir.join("hyperprior_128_192.safetensors"),
+        None,
+        &Device::Cpu,
+    )
+    .expect("fixture model");
+    let codec = Codec::from_model_file(&model, &Device::Cpu).expect("codec");
+    let img = psic::image_io::load_image(dir.join("test768x512.png")).expect("image");
+    let bytes = codec.encode(&img).expect("encode");
+
+    let mut g = c.benchmark_group("codec_768x512_n128_m192");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.bench_function("encode", |b| b.iter(|| codec.encode(&img).unwrap()));
+    g.bench_function("decode", |b| b.iter(|| codec.decode(&bytes).unwrap()));
+    g.finish();
+
+    // The coder alone, on the real symbols and tables of this image.
+    let latent = codec.decode_latent(&bytes).expect("latent");
+    let gc = codec.backbone().gaussian_conditional();
+    let params = codec
+        .backbone()
+        .hyper_synthesis(
+            &codec
+                .backbone()
+                .entropy_bottleneck()
+                .decompress(&[&latent.stream.strings[1]], (8, 12), &RansCoder)
+                .unwrap(),
+        )
+        .unwrap();
+    let indexes = gc.build_indexes(&params.scales).unwrap();
+    let symbols = gc.symbols(&latent.y_hat, None).unwrap();
+    let y_string = Bitstream::from_bytes(&bytes).unwrap().strings[0].clone();
+    let mut g = c.benchmark_group("rans_y_symbols");
+    g.throughput(Throughput::Elements(symbols.len() as u64));
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            RansCoder
+                .encode_with_indexes(&symbols, &indexes, gc.tables())
+                .unwrap()
+        })
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            RansCoder
+                .decode_with_indexes(&y_string, &indexes, gc.tables())
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(codec_benches, benches);
+criterion_main!(codec_benches);

@@ -21,6 +21,7 @@ pub mod codec;
 pub mod entropy;
 pub mod error;
 pub mod image_io;
+pub mod init;
 pub mod layers;
 pub mod model;
 mod tensor_util;

@@ -64,3 +64,43 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().map(|v| v.abs()).fold(0.0, f32::max).max(1e-12);
     max_abs_diff(a, b) / scale
 }
+
+/// A tiny randomly initialised scale hyperprior (N=8, M=12) with computed CDF tables: fast
+/// enough for hundreds of decodes, and needs no fixture.
+pub fn tiny_codec(seed: u64) -> psic::Codec {
+    use psic::backbone::{ScaleHyperprior, ScaleHyperpriorConfig};
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let vb = psic::init::seeded_var_builder(&varmap, seed, DType::F32, &dev);
+    let mut hp = ScaleHyperprior::new(vb, &ScaleHyperpriorConfig { n: 8, m: 12 }).unwrap();
+    hp.entropy_bottleneck_mut().update().unwrap();
+    let mut fp = [0u8; 16];
+    fp[..8].copy_from_slice(&seed.to_le_bytes());
+    psic::Codec::new(Box::new(hp), fp)
+}
+
+/// A deterministic test image with texture and colour.
+pub fn test_image(w: u32, h: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 7 + y * 3) as u8,
+            ((x ^ y) * 5) as u8,
+            (128.0 + 100.0 * ((x as f32) * 0.2).sin() * ((y as f32) * 0.15).cos()) as u8,
+        ])
+    })
+}
+
+/// xorshift64*: a tiny deterministic generator for fuzz-style tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
