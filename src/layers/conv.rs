@@ -69,6 +69,13 @@ impl Module for Conv2d {
 /// padding `kernel / 2`, output padding `stride - 1` (CompressAI's `deconv`).
 ///
 /// Weights: `weight` `[in, out, k, k]` (PyTorch layout), `bias` `[out]`.
+///
+/// candle's CPU `conv_transpose2d` is a loop of dot products (several times slower than a
+/// convolution of the same size), so this layer computes the same result as *stride phases*:
+/// output pixel `(s·Y + ry, s·X + rx)` only meets the kernel taps `ky ≡ ry + p (mod s)`, so the
+/// `s²` phases are one ordinary stride-1 convolution to `out · s²` channels followed by a pixel
+/// shuffle. The phase kernel is rearranged from `weight` with differentiable ops (so training
+/// works) and cached when the weight is not a trainable variable.
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2d {
     weight: Tensor,
@@ -76,6 +83,8 @@ pub struct ConvTranspose2d {
     stride: usize,
     padding: usize,
     output_padding: usize,
+    /// Phase kernel `[out·s², in, K, K]`, its (left, right) padding; cached for frozen weights.
+    phase: Option<(Tensor, usize, usize)>,
 }
 
 impl ConvTranspose2d {
@@ -105,18 +114,70 @@ impl ConvTranspose2d {
                 up: bound,
             },
         )?;
-        Ok(Self {
+        let mut layer = Self {
             weight,
             bias,
             stride,
             padding: kernel / 2,
             output_padding: stride - 1,
-        })
+            phase: None,
+        };
+        if !layer.weight.is_variable() {
+            layer.phase = Some(layer.phase_kernel()?);
+        }
+        Ok(layer)
     }
-}
 
-impl Module for ConvTranspose2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Tap offsets `d` (input row `Y + d` feeds phase row `Y`) span `d_min..=d_max`, where
+    /// `ky = r + p - s·d` must lie in `0..k` for some phase `r`.
+    fn tap_range(&self) -> (isize, isize) {
+        let (k, s, p) = (
+            self.weight.dims()[2] as isize,
+            self.stride as isize,
+            self.padding as isize,
+        );
+        let d_min = (0 + p - (k - 1)).div_euclid(s);
+        let d_max = (s - 1 + p).div_euclid(s);
+        (d_min, d_max)
+    }
+
+    /// Rearranges `weight` into the phase kernel (see the type docs).
+    fn phase_kernel(&self) -> candle_core::Result<(Tensor, usize, usize)> {
+        let (c_in, c_out, k, _) = self.weight.dims4()?;
+        let s = self.stride as isize;
+        let p = self.padding as isize;
+        let (d_min, d_max) = self.tap_range();
+        let taps = (d_max - d_min + 1) as usize;
+        let zeros = Tensor::zeros((c_in, c_out, 1, 1), self.weight.dtype(), self.weight.device())?;
+        let tap = |r: isize, j: usize| -> Option<usize> {
+            let ky = r + p - s * (d_min + j as isize);
+            (0..k as isize).contains(&ky).then_some(ky as usize)
+        };
+        let mut phases = Vec::with_capacity((s * s) as usize);
+        for ry in 0..s {
+            for rx in 0..s {
+                let mut rows = Vec::with_capacity(taps);
+                for jy in 0..taps {
+                    let mut row = Vec::with_capacity(taps);
+                    for jx in 0..taps {
+                        row.push(match (tap(ry, jy), tap(rx, jx)) {
+                            (Some(ky), Some(kx)) => self.weight.narrow(2, ky, 1)?.narrow(3, kx, 1)?,
+                            _ => zeros.clone(),
+                        });
+                    }
+                    rows.push(Tensor::cat(&row, 3)?);
+                }
+                // [in, out, K, K] -> [out, in, K, K]
+                phases.push(Tensor::cat(&rows, 2)?.transpose(0, 1)?);
+            }
+        }
+        // Output channel o·s² + ry·s + rx, as pixel_shuffle expects.
+        let kernel = Tensor::stack(&phases, 1)?.reshape((c_out * (s * s) as usize, c_in, taps, taps))?;
+        Ok((kernel.contiguous()?, (-d_min) as usize, d_max as usize))
+    }
+
+    /// The reference path: candle's own `conv_transpose2d` (slow on CPU; used in tests).
+    pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.conv_transpose2d(
             &self.weight,
             self.padding,
@@ -125,5 +186,89 @@ impl Module for ConvTranspose2d {
             1,
         )?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // The phase form needs output = stride x input, which CompressAI's deconv always gives.
+        let k = self.weight.dims()[2];
+        if self.output_padding + k != self.stride + 2 * self.padding {
+            return self.forward_reference(x);
+        }
+        let (kernel, left, right) = match &self.phase {
+            Some((w, l, r)) => (w.clone(), *l, *r),
+            None => self.phase_kernel()?,
+        };
+        let y = if left == right {
+            x.conv2d(&kernel, left, 1, 1, 1)?
+        } else {
+            let xp = x
+                .pad_with_zeros(2, left, right)?
+                .pad_with_zeros(3, left, right)?;
+            xp.conv2d(&kernel, 0, 1, 1, 1)?
+        };
+        let y = candle_nn::ops::pixel_shuffle(&y, self.stride)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn layer(c_in: usize, c_out: usize, k: usize, s: usize, trainable: bool) -> ConvTranspose2d {
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
+        let l = ConvTranspose2d::new(vb.clone(), c_in, c_out, k, s).unwrap();
+        if trainable {
+            return l;
+        }
+        let frozen: std::collections::HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        ConvTranspose2d::new(VarBuilder::from_tensors(frozen, DType::F32, &dev), c_in, c_out, k, s)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn phase_form_equals_transposed_convolution() {
+        for (k, s) in [(5, 2), (3, 2), (4, 2), (5, 4), (3, 1)] {
+            for trainable in [false, true] {
+                let l = layer(6, 5, k, s, trainable);
+                let x = Tensor::randn(0f32, 1.0, (2, 6, 7, 9), &Device::Cpu).unwrap();
+                let a = l.forward(&x).unwrap();
+                let b = l.forward_reference(&x).unwrap();
+                assert_eq!(a.dims(), b.dims(), "k={k} s={s}");
+                assert!(max_diff(&a, &b) < 1e-5, "k={k} s={s}: {}", max_diff(&a, &b));
+            }
+        }
+    }
+
+    #[test]
+    fn phase_form_gradients_equal_the_reference() {
+        let l = layer(4, 3, 5, 2, true);
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (1, 4, 5, 6), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let target = Tensor::randn(0f32, 1.0, (1, 3, 10, 12), &Device::Cpu).unwrap();
+        let loss = |y: Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let g1 = loss(l.forward(x.as_tensor()).unwrap()).backward().unwrap();
+        let g2 = loss(l.forward_reference(x.as_tensor()).unwrap()).backward().unwrap();
+        for t in [x.as_tensor(), &l.weight, &l.bias] {
+            let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+            assert!(max_diff(a, b) < 1e-4, "gradient differs by {}", max_diff(a, b));
+        }
     }
 }
