@@ -68,6 +68,11 @@ fn convert(args: &[String]) -> Result<()> {
     let t = Instant::now();
     let model = ModelFile::import(a.get("--input")?, a.opt("--arch"), &Device::Cpu)?;
     model.save(a.get("--output")?)?;
+    for (k, v) in &model.extra_metadata {
+        if k.ends_with(".tables") {
+            println!("note: {k}: {v} (the checkpoint had no usable CDF tables; streams will not be byte-identical to CompressAI's)");
+        }
+    }
     println!(
         "wrote {} ({} {}, fingerprint {}) in {:.2} s",
         a.get("--output")?,

@@ -259,6 +259,10 @@ impl ModelFile {
             eb.update()?;
             let tables = eb.tables().expect("update builds tables");
             self.insert_tables("entropy_bottleneck", tables, device)?;
+            self.extra_metadata.insert(
+                "entropy_bottleneck.tables".into(),
+                "computed by psic".into(),
+            );
         }
         if !self
             .tensors
@@ -271,6 +275,10 @@ impl ModelFile {
             self.tensors
                 .insert("gaussian_conditional.scale_table".into(), table);
             self.insert_tables("gaussian_conditional", gc.tables(), device)?;
+            self.extra_metadata.insert(
+                "gaussian_conditional.tables".into(),
+                "computed by psic".into(),
+            );
         }
         Ok(())
     }

@@ -557,7 +557,10 @@ mod tests {
         for c in coders() {
             let data = c.encode_with_indexes(&[], &[], &tables).unwrap();
             assert_eq!(data, [0, 0, 0, 0x80, 0, 0, 0, 0]);
-            assert_eq!(c.decode_with_indexes(&data, &[], &tables).unwrap(), Vec::<i32>::new());
+            assert_eq!(
+                c.decode_with_indexes(&data, &[], &tables).unwrap(),
+                Vec::<i32>::new()
+            );
             assert!(c.decode_with_indexes(&[], &[], &tables).is_err());
             assert!(c.decode_with_indexes(&[], &[0], &tables).is_err());
         }

@@ -148,7 +148,11 @@ impl ConvTranspose2d {
         let p = self.padding as isize;
         let (d_min, d_max) = self.tap_range();
         let taps = (d_max - d_min + 1) as usize;
-        let zeros = Tensor::zeros((c_in, c_out, 1, 1), self.weight.dtype(), self.weight.device())?;
+        let zeros = Tensor::zeros(
+            (c_in, c_out, 1, 1),
+            self.weight.dtype(),
+            self.weight.device(),
+        )?;
         let tap = |r: isize, j: usize| -> Option<usize> {
             let ky = r + p - s * (d_min + j as isize);
             (0..k as isize).contains(&ky).then_some(ky as usize)
@@ -161,7 +165,9 @@ impl ConvTranspose2d {
                     let mut row = Vec::with_capacity(taps);
                     for jx in 0..taps {
                         row.push(match (tap(ry, jy), tap(rx, jx)) {
-                            (Some(ky), Some(kx)) => self.weight.narrow(2, ky, 1)?.narrow(3, kx, 1)?,
+                            (Some(ky), Some(kx)) => {
+                                self.weight.narrow(2, ky, 1)?.narrow(3, kx, 1)?
+                            }
                             _ => zeros.clone(),
                         });
                     }
@@ -172,7 +178,8 @@ impl ConvTranspose2d {
             }
         }
         // Output channel o·s² + ry·s + rx, as pixel_shuffle expects.
-        let kernel = Tensor::stack(&phases, 1)?.reshape((c_out * (s * s) as usize, c_in, taps, taps))?;
+        let kernel =
+            Tensor::stack(&phases, 1)?.reshape((c_out * (s * s) as usize, c_in, taps, taps))?;
         Ok((kernel.contiguous()?, (-d_min) as usize, d_max as usize))
     }
 
@@ -233,12 +240,25 @@ mod tests {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
             .collect();
-        ConvTranspose2d::new(VarBuilder::from_tensors(frozen, DType::F32, &dev), c_in, c_out, k, s)
-            .unwrap()
+        ConvTranspose2d::new(
+            VarBuilder::from_tensors(frozen, DType::F32, &dev),
+            c_in,
+            c_out,
+            k,
+            s,
+        )
+        .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -265,10 +285,16 @@ mod tests {
         let target = Tensor::randn(0f32, 1.0, (1, 3, 10, 12), &Device::Cpu).unwrap();
         let loss = |y: Tensor| (y * &target).unwrap().sum_all().unwrap();
         let g1 = loss(l.forward(x.as_tensor()).unwrap()).backward().unwrap();
-        let g2 = loss(l.forward_reference(x.as_tensor()).unwrap()).backward().unwrap();
+        let g2 = loss(l.forward_reference(x.as_tensor()).unwrap())
+            .backward()
+            .unwrap();
         for t in [x.as_tensor(), &l.weight, &l.bias] {
             let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
-            assert!(max_diff(a, b) < 1e-4, "gradient differs by {}", max_diff(a, b));
+            assert!(
+                max_diff(a, b) < 1e-4,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
         }
     }
 }
