@@ -23,6 +23,7 @@ pub mod error;
 pub mod image_io;
 pub mod layers;
 pub mod model;
+pub mod shield;
 mod tensor_util;
 
 pub use backbone::LicBackbone;
