@@ -24,6 +24,7 @@ pub mod image_io;
 pub mod init;
 pub mod layers;
 pub mod model;
+pub mod shield;
 mod tensor_util;
 
 pub use backbone::LicBackbone;

@@ -13,8 +13,10 @@
 //! the bitstream is the same whatever decode is asked for.
 
 mod hyperprior;
+mod psic_hy2018;
 
 pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
+pub use psic_hy2018::{PsicHy2018, PsicHy2018Config, PSIC_HY2018};
 
 use candle_core::{Device, Tensor};
 

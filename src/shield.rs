@@ -1,0 +1,482 @@
+//! Shielding: conditions, trigger generators, and a backbone wrapped with one.
+//!
+//! PSIC steers only the synthesis transform. A [`Condition`] (in the reference, a scalar
+//! `beta`) is turned by a [`TriggerGenerator`] into [`Triggers`]: one per-channel bias per
+//! injection point of the backbone's synthesis ([`LicBackbone::injection_points`]). The encoder
+//! and the bitstream never see the condition.
+//!
+//! The generator of the paper is [`Cltg`] (conditional latent trigger generation):
+//!
+//! ```text
+//! beta ──Fourier──▶ [beta, sin(2^0 beta), cos(2^0 beta), …, sin(2^(F-1) beta), cos(2^(F-1) beta)]
+//!      ──Linear(1+2F, H)─ReLU─Linear(H, H)─ReLU──▶ code c (H = 512)
+//!      ──Linear(H, C_i, no bias), one per injection point i──▶ trigger i  [B, C_i]
+//! ```
+//!
+//! [`ShieldedBackbone`] pairs any backbone with a generator built for its injection points, which
+//! is how PSIC plugs into an existing codec.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{LicBackbone, Triggers};
+use crate::{Error, Result};
+
+/// The decode condition: the reference's scalar `beta`.
+///
+/// In the reference code (and in every PSIC model file) `beta = 0` asks for the **full**
+/// reconstruction (all semantics) and `beta = 1` for the **shielded** one. Other values are
+/// accepted (the generator is a continuous function of `beta`) but no model is trained for them.
+/// The condition is never written to the bitstream.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Condition(pub f32);
+
+impl Condition {
+    /// `beta = 0`: the full reconstruction, with all semantics.
+    pub const FULL: Condition = Condition(0.0);
+    /// `beta = 1`: the shielded reconstruction (the default decode).
+    pub const SHIELDED: Condition = Condition(1.0);
+
+    /// A condition with an explicit `beta`.
+    pub const fn new(beta: f32) -> Self {
+        Condition(beta)
+    }
+
+    /// The scalar `beta`.
+    pub const fn beta(&self) -> f32 {
+        self.0
+    }
+}
+
+impl Default for Condition {
+    /// The shielded decode is the default.
+    fn default() -> Self {
+        Condition::SHIELDED
+    }
+}
+
+/// Turns a decode condition into triggers for a synthesis transform's injection points.
+pub trait TriggerGenerator: Send + Sync + std::fmt::Debug {
+    /// Widths `C_i` of the injection points this generator produces triggers for, in order. Must
+    /// equal the backbone's [`LicBackbone::injection_points`].
+    fn injection_points(&self) -> &[usize];
+
+    /// Triggers for one condition, shared by a batch of `batch` items: entry `i` has shape
+    /// `[batch, C_i]`, every row the same. [`Cltg`] computes them once and broadcasts, so the
+    /// values do not depend on `batch` (decodes are the same whatever the batch size).
+    fn triggers(&self, condition: &Condition, batch: usize) -> Result<Triggers>;
+
+    /// Per-sample triggers for training: `betas` has shape `[B]` (one condition per sample) and
+    /// entry `i` of the result has shape `[B, C_i]`. Differentiable with respect to the
+    /// generator's weights.
+    fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers>;
+}
+
+/// Configuration of a [`Cltg`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CltgConfig {
+    /// Number `F` of Fourier frequencies `2^0 … 2^(F-1)`; the embedding has `1 + 2F` values.
+    /// The reference uses 10.
+    pub fourier_frequencies: usize,
+    /// Width `H` of the MLP and of the code. The reference uses 512.
+    pub hidden: usize,
+    /// Widths `C_i` of the injection points (one bias-free projection each).
+    pub injection_points: Vec<usize>,
+}
+
+impl CltgConfig {
+    /// The reference sizes (10 frequencies, width 512) for the given injection points.
+    pub fn new(injection_points: Vec<usize>) -> Self {
+        Self {
+            fourier_frequencies: 10,
+            hidden: 512,
+            injection_points,
+        }
+    }
+
+    /// Reads the sizes of a generically named generator ([`CltgNames::generic`]) from a state
+    /// dict: `None` when it holds no `cltg.beta_mlp.fc1.weight`.
+    pub fn infer_generic(tensors: &HashMap<String, Tensor>) -> Result<Option<Self>> {
+        let names = CltgNames::generic(0);
+        let Some(fc1) = tensors.get(&format!("{}.weight", names.fc1)) else {
+            return Ok(None);
+        };
+        let (hidden, embedding) = fc1.dims2()?;
+        if embedding % 2 != 1 {
+            return Err(Error::Model(format!(
+                "{}.weight has {embedding} inputs: not 1 + 2F",
+                names.fc1
+            )));
+        }
+        let p = CltgNames::GENERIC_PREFIX;
+        let injection_points = (0..)
+            .map_while(|i| tensors.get(&format!("{p}.proj.{i}.weight")))
+            .map(|w| Ok(w.dims2()?.0))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Self {
+            fourier_frequencies: embedding / 2,
+            hidden,
+            injection_points,
+        }))
+    }
+
+    /// Length `1 + 2F` of the Fourier embedding.
+    pub fn embedding_dim(&self) -> usize {
+        1 + 2 * self.fourier_frequencies
+    }
+}
+
+/// Where a [`Cltg`]'s weights live, relative to the model's root [`VarBuilder`].
+///
+/// Every name is a prefix holding `weight` (and `bias` for the MLP layers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CltgNames {
+    /// First MLP layer, `Linear(1 + 2F, H)`.
+    pub fc1: String,
+    /// Second MLP layer, `Linear(H, H)`.
+    pub fc2: String,
+    /// One bias-free `Linear(H, C_i)` per injection point.
+    pub projections: Vec<String>,
+}
+
+impl CltgNames {
+    /// Prefix of the generic naming scheme.
+    pub const GENERIC_PREFIX: &'static str = "cltg";
+
+    /// The generic scheme for a wrapped backbone with `points` injection points:
+    /// `cltg.beta_mlp.fc1`, `cltg.beta_mlp.fc2`, `cltg.proj.{i}`.
+    pub fn generic(points: usize) -> Self {
+        let p = Self::GENERIC_PREFIX;
+        Self {
+            fc1: format!("{p}.beta_mlp.fc1"),
+            fc2: format!("{p}.beta_mlp.fc2"),
+            projections: (0..points).map(|i| format!("{p}.proj.{i}")).collect(),
+        }
+    }
+
+    /// The official PSIC `Hy2018` layout: `global_cond.beta_mlp.fc{1,2}` and, for the conditional
+    /// residual blocks `k = 0, 2, 4, 6` of the synthesis,
+    /// `g_s_cond.synthesis_transform.{k}._proj1.0` then `._proj2.0`.
+    pub fn psic_hy2018() -> Self {
+        Self {
+            fc1: "global_cond.beta_mlp.fc1".into(),
+            fc2: "global_cond.beta_mlp.fc2".into(),
+            projections: [0, 2, 4, 6]
+                .iter()
+                .flat_map(|k| {
+                    [1, 2].map(|j| format!("g_s_cond.synthesis_transform.{k}._proj{j}.0"))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A `Linear(in, out)` initialised as PyTorch's `nn.Linear` (uniform in `±1/sqrt(in)`).
+fn linear(vb: &VarBuilder, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+    let vb = vb.pp(prefix);
+    let bound = 1.0 / (inp as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let weight = vb.get_with_hints((out, inp), "weight", init)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Conditional latent trigger generation (PSIC's CLTG): Fourier embedding of `beta`, a two-layer
+/// ReLU MLP, and one bias-free linear projection per injection point.
+///
+/// Built with [`Cltg::new`] (generic names, see [`CltgNames::generic`]) or
+/// [`Cltg::with_names`]; a `VarMap`-backed builder creates trainable variables, initialised as
+/// PyTorch's `nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct Cltg {
+    cfg: CltgConfig,
+    fc1: Linear,
+    fc2: Linear,
+    projections: Vec<Linear>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Cltg {
+    /// Loads (or creates) a generator with the generic names ([`CltgNames::generic`]) under `vb`
+    /// (the model's root builder).
+    pub fn new(vb: VarBuilder, cfg: &CltgConfig) -> Result<Self> {
+        Self::with_names(vb, cfg, &CltgNames::generic(cfg.injection_points.len()))
+    }
+
+    /// Loads (or creates) a generator whose weights live at `names` under `vb`.
+    pub fn with_names(vb: VarBuilder, cfg: &CltgConfig, names: &CltgNames) -> Result<Self> {
+        if names.projections.len() != cfg.injection_points.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} projection names for {} injection points",
+                names.projections.len(),
+                cfg.injection_points.len()
+            )));
+        }
+        if cfg.hidden == 0 || cfg.injection_points.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "invalid CLTG sizes: hidden {}, injection points {:?}",
+                cfg.hidden, cfg.injection_points
+            )));
+        }
+        let h = cfg.hidden;
+        let fc1 = linear(&vb, &names.fc1, cfg.embedding_dim(), h, true)?;
+        let fc2 = linear(&vb, &names.fc2, h, h, true)?;
+        let projections = names
+            .projections
+            .iter()
+            .zip(&cfg.injection_points)
+            .map(|(name, &c)| linear(&vb, name, h, c, false))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            fc1,
+            fc2,
+            projections,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CltgConfig {
+        &self.cfg
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The Fourier embedding of `betas` (`[B]`): `[B, 1 + 2F]`, laid out as
+    /// `[b, sin(2^0 b), cos(2^0 b), sin(2^1 b), cos(2^1 b), …]`.
+    pub fn fourier_features(&self, betas: &Tensor) -> Result<Tensor> {
+        let b = betas.dims1()?;
+        let betas = betas
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?
+            .reshape((b, 1))?;
+        let f = self.cfg.fourier_frequencies;
+        let freqs: Vec<f32> = (0..f).map(|k| (k as f32).exp2()).collect();
+        let freqs = Tensor::from_vec(freqs, (1, f), &self.device)?.to_dtype(self.dtype)?;
+        let arg = betas.broadcast_mul(&freqs)?;
+        let sc = Tensor::stack(&[arg.sin()?, arg.cos()?], 2)?.reshape((b, 2 * f))?;
+        Ok(Tensor::cat(&[&betas, &sc], 1)?)
+    }
+
+    /// The code `c = ReLU(fc2(ReLU(fc1(fourier(betas)))))`, `[B, H]` (the reference's
+    /// `global_cond(beta)`).
+    pub fn code(&self, betas: &Tensor) -> Result<Tensor> {
+        let e = self.fourier_features(betas)?;
+        let h = self.fc1.forward(&e)?.relu()?;
+        Ok(self.fc2.forward(&h)?.relu()?)
+    }
+
+    /// Triggers from a code `c` (`[B, H]`): entry `i` is `proj_i(c)`, `[B, C_i]`.
+    pub fn triggers_from_code(&self, code: &Tensor) -> Result<Triggers> {
+        Ok(Triggers(
+            self.projections
+                .iter()
+                .map(|p| p.forward(code))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        ))
+    }
+}
+
+impl TriggerGenerator for Cltg {
+    fn injection_points(&self) -> &[usize] {
+        &self.cfg.injection_points
+    }
+
+    fn triggers(&self, condition: &Condition, batch: usize) -> Result<Triggers> {
+        if batch == 0 {
+            return Err(Error::InvalidArgument("batch size 0".into()));
+        }
+        let beta = Tensor::new(&[condition.beta()], &self.device)?;
+        let one = self.triggers_for_betas(&beta)?;
+        if batch == 1 {
+            return Ok(one);
+        }
+        Ok(Triggers(
+            one.0
+                .iter()
+                .map(|t| {
+                    let c = t.dim(1)?;
+                    t.broadcast_as((batch, c))?.contiguous()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        ))
+    }
+
+    fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers> {
+        self.triggers_from_code(&self.code(betas)?)
+    }
+}
+
+/// A backbone paired with a trigger generator for its injection points: the plug-and-play form
+/// of PSIC. Analysis, hyper transforms and entropy models are the backbone's, untouched; only
+/// the synthesis takes a [`Condition`].
+#[derive(Debug)]
+pub struct ShieldedBackbone<B: LicBackbone + ?Sized = dyn LicBackbone, G: TriggerGenerator = Cltg> {
+    backbone: Box<B>,
+    generator: G,
+}
+
+impl<B: LicBackbone + ?Sized, G: TriggerGenerator> ShieldedBackbone<B, G> {
+    /// Pairs a backbone with a generator; fails unless the generator's injection points are the
+    /// backbone's.
+    pub fn new(backbone: Box<B>, generator: G) -> Result<Self> {
+        let points = backbone.injection_points();
+        if generator.injection_points() != points.as_slice() {
+            return Err(Error::InvalidArgument(format!(
+                "trigger generator made for injection points {:?}, backbone {} has {:?}",
+                generator.injection_points(),
+                backbone.architecture(),
+                points
+            )));
+        }
+        Ok(Self {
+            backbone,
+            generator,
+        })
+    }
+
+    /// The wrapped backbone (use it for analysis, hyper transforms, entropy models and the
+    /// plain synthesis).
+    pub fn backbone(&self) -> &B {
+        &self.backbone
+    }
+
+    /// The trigger generator.
+    pub fn generator(&self) -> &G {
+        &self.generator
+    }
+
+    /// Splits into the backbone and the generator.
+    pub fn into_parts(self) -> (Box<B>, G) {
+        (self.backbone, self.generator)
+    }
+
+    /// Conditional synthesis (not clamped): `g_s(y_hat, triggers(condition))`.
+    pub fn synthesize(&self, y_hat: &Tensor, condition: &Condition) -> Result<Tensor> {
+        let batch = y_hat.dims4()?.0;
+        let t = self.generator.triggers(condition, batch)?;
+        self.backbone.synthesis(y_hat, Some(&t))
+    }
+
+    /// Conditional synthesis with one `beta` per sample (`betas` is `[B]`), for training.
+    pub fn synthesize_betas(&self, y_hat: &Tensor, betas: &Tensor) -> Result<Tensor> {
+        let t = self.generator.triggers_for_betas(betas)?;
+        self.backbone.synthesis(y_hat, Some(&t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn fresh(points: Vec<usize>) -> (VarMap, Cltg) {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let cltg = Cltg::new(vb, &CltgConfig::new(points)).unwrap();
+        (map, cltg)
+    }
+
+    #[test]
+    fn conditions() {
+        assert_eq!(Condition::FULL.beta(), 0.0);
+        assert_eq!(Condition::SHIELDED.beta(), 1.0);
+        assert_eq!(Condition::default(), Condition::SHIELDED);
+    }
+
+    #[test]
+    fn fourier_layout() {
+        let (_m, cltg) = fresh(vec![4]);
+        let b = Tensor::new(&[0.5f32, 1.0], &Device::Cpu).unwrap();
+        let e = cltg.fourier_features(&b).unwrap().to_vec2::<f32>().unwrap();
+        for (row, beta) in e.iter().zip([0.5f32, 1.0]) {
+            assert_eq!(row.len(), 21);
+            assert_eq!(row[0], beta);
+            for k in 0..10 {
+                let a = beta * (1 << k) as f32;
+                assert!((row[1 + 2 * k] - a.sin()).abs() < 1e-6);
+                assert!((row[2 + 2 * k] - a.cos()).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_variables_and_batching() {
+        let (map, cltg) = fresh(vec![8, 16, 8]);
+        // fc1 (w, b), fc2 (w, b), three projections.
+        assert_eq!(map.all_vars().len(), 7);
+        let names = map
+            .data()
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>();
+        assert!(names.contains(&"cltg.proj.1.weight".to_string()));
+        let t = cltg.triggers(&Condition::SHIELDED, 3).unwrap();
+        t.check(&[8, 16, 8], 3).unwrap();
+        let betas = Tensor::new(&[1f32, 0.0, 1.0], &Device::Cpu).unwrap();
+        let per = cltg.triggers_for_betas(&betas).unwrap();
+        per.check(&[8, 16, 8], 3).unwrap();
+        let full = cltg.triggers(&Condition::FULL, 1).unwrap();
+        // Matrix products of different batch sizes may round differently: compare loosely.
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        for (i, (a, b)) in t.0.iter().zip(&per.0).enumerate() {
+            let a = a.to_vec2::<f32>().unwrap();
+            let b = b.to_vec2::<f32>().unwrap();
+            // One condition for the batch: every row is the same.
+            assert_eq!(a[0], a[1], "trigger {i}");
+            assert_eq!(a[0], a[2], "trigger {i}");
+            assert!(close(&a[0], &b[0]), "trigger {i}, sample 0");
+            assert!(close(&a[2], &b[2]), "trigger {i}, sample 2");
+            assert!(close(&full.0[i].to_vec2::<f32>().unwrap()[0], &b[1]));
+            assert!(!close(&b[0], &b[1]));
+        }
+    }
+
+    #[test]
+    fn infer_generic_config() {
+        let (map, _cltg) = fresh(vec![8, 16, 8]);
+        let tensors: HashMap<String, Tensor> = map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let cfg = CltgConfig::infer_generic(&tensors).unwrap().unwrap();
+        assert_eq!(cfg, CltgConfig::new(vec![8, 16, 8]));
+        assert!(CltgConfig::infer_generic(&HashMap::new())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn names_count_checked() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let err = Cltg::with_names(vb, &CltgConfig::new(vec![4, 4]), &CltgNames::generic(1));
+        assert!(err.is_err());
+        assert_eq!(CltgNames::psic_hy2018().projections.len(), 8);
+        assert_eq!(
+            CltgNames::psic_hy2018().projections[3],
+            "g_s_cond.synthesis_transform.2._proj2.0"
+        );
+    }
+}
