@@ -10,14 +10,28 @@ use crate::bitstream::{fingerprint_hex, Bitstream, Fingerprint, MAX_SIDE};
 use crate::entropy::{EntropyCoder, RansCoder};
 use crate::image_io::{image_to_tensor, pad_to_multiple, tensor_to_image};
 use crate::model::ModelFile;
+use crate::shield::{Condition, Conditions, TriggerGenerator};
 use crate::{Error, Result};
 
-/// A learned image codec ready to encode and decode: a backbone, its fingerprint and an
-/// entropy coder.
+/// A learned image codec ready to encode and decode: a backbone, its fingerprint, an entropy
+/// coder and — for shielded models — the trigger generator and the conditions it was trained
+/// for.
+///
+/// One bitstream, two decodes: [`decode_shielded`](Self::decode_shielded) (what [`decode`]
+/// (Self::decode) gives, and all anyone with the stream and the public model gets) and
+/// [`decode_full`](Self::decode_full) with the model's full condition.
 pub struct Codec {
     backbone: Box<dyn LicBackbone>,
+    shield: Option<Shield>,
     fingerprint: Fingerprint,
     coder: Box<dyn EntropyCoder + Send + Sync>,
+}
+
+/// A trigger generator and the conditions its model was trained for.
+#[derive(Debug)]
+struct Shield {
+    generator: Box<dyn TriggerGenerator>,
+    conditions: Conditions,
 }
 
 impl std::fmt::Debug for Codec {
@@ -26,6 +40,7 @@ impl std::fmt::Debug for Codec {
             .field("architecture", &self.backbone.architecture())
             .field("config", &self.backbone.config_json())
             .field("fingerprint", &fingerprint_hex(&self.fingerprint))
+            .field("conditions", &self.conditions())
             .finish()
     }
 }
@@ -50,18 +65,47 @@ impl Codec {
         Self::from_model_file(&ModelFile::load(path, device)?, device)
     }
 
-    /// Builds a codec from a parsed model file.
+    /// Builds a codec from a parsed model file (with its trigger generator, if it has one).
     pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
-        Ok(Self::new(
-            model.build_backbone(device)?,
-            model.fingerprint()?,
-        ))
+        let codec = Self::new(model.build_backbone(device)?, model.fingerprint()?);
+        match (model.build_generator(device)?, model.conditions()?) {
+            (Some(g), Some(c)) => codec.with_shield(g, c),
+            _ => Ok(codec),
+        }
+    }
+
+    /// Adds a trigger generator (for this backbone's injection points) and the conditions it
+    /// was trained for: from now on [`decode`](Self::decode) gives the shielded decode.
+    pub fn with_shield(
+        mut self,
+        generator: Box<dyn TriggerGenerator>,
+        conditions: Conditions,
+    ) -> Result<Self> {
+        let points = self.backbone.injection_points();
+        if generator.injection_points() != points.as_slice() {
+            return Err(Error::InvalidArgument(format!(
+                "trigger generator serves injection points {:?}, the backbone has {:?}",
+                generator.injection_points(),
+                points
+            )));
+        }
+        self.shield = Some(Shield {
+            generator,
+            conditions,
+        });
+        Ok(self)
+    }
+
+    /// The conditions of a shielded model; `None` for a plain one.
+    pub fn conditions(&self) -> Option<Conditions> {
+        self.shield.as_ref().map(|s| s.conditions)
     }
 
     /// A codec over any backbone; `fingerprint` identifies its weights in the streams it writes.
     pub fn new(backbone: Box<dyn LicBackbone>, fingerprint: Fingerprint) -> Self {
         Self {
             backbone,
+            shield: None,
             fingerprint,
             coder: Box::new(RansCoder),
         }
@@ -180,20 +224,53 @@ impl Codec {
         Ok(DecodedLatent { stream, y_hat })
     }
 
-    /// Synthesises the image of a decoded latent with optional triggers, cropped to the
-    /// original size.
-    pub fn reconstruct(
-        &self,
-        latent: &DecodedLatent,
-        triggers: Option<&Triggers>,
-    ) -> Result<RgbImage> {
-        let x_hat = self.backbone.synthesis(&latent.y_hat, triggers)?;
-        let (w, h) = (latent.stream.width as usize, latent.stream.height as usize);
-        tensor_to_image(&x_hat.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    /// Triggers for `condition`: `None` for a plain model (which has one decode only).
+    fn triggers(&self, condition: &Condition) -> Result<Option<Triggers>> {
+        self.shield
+            .as_ref()
+            .map(|s| s.generator.triggers(condition, 1))
+            .transpose()
     }
 
-    /// Decodes a stream with the backbone's plain synthesis.
+    /// The reconstruction of a decoded latent under `condition` (ignored by plain models), as a
+    /// `[1, 3, H, W]` tensor cropped to the original size and NOT clamped.
+    pub fn synthesize(&self, latent: &DecodedLatent, condition: &Condition) -> Result<Tensor> {
+        let triggers = self.triggers(condition)?;
+        let x_hat = self.backbone.synthesis(&latent.y_hat, triggers.as_ref())?;
+        let (w, h) = (latent.stream.width as usize, latent.stream.height as usize);
+        Ok(x_hat.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// Decodes under an explicit condition (plain models ignore it).
+    pub fn decode_with_condition(&self, bytes: &[u8], condition: &Condition) -> Result<RgbImage> {
+        tensor_to_image(&self.synthesize(&self.decode_latent(bytes)?, condition)?)
+    }
+
+    /// The shielded decode: an image that looks right to people but that the semantic models
+    /// the codec was trained against misread. Fails for a plain model, which cannot shield.
+    pub fn decode_shielded(&self, bytes: &[u8]) -> Result<RgbImage> {
+        let shield = self.shield.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this model has no trigger generator, so it cannot shield: use decode()".into(),
+            )
+        })?;
+        self.decode_with_condition(bytes, &shield.conditions.shielded)
+    }
+
+    /// The full decode under `condition`: the full-semantics reconstruction when `condition` is
+    /// the model's full condition ([`conditions`](Self::conditions)). For a plain model this is
+    /// its only decode and `condition` is ignored.
+    pub fn decode_full(&self, bytes: &[u8], condition: &Condition) -> Result<RgbImage> {
+        self.decode_with_condition(bytes, condition)
+    }
+
+    /// The default decode: shielded for a shielded model, the plain reconstruction otherwise.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
-        self.reconstruct(&self.decode_latent(bytes)?, None)
+        match &self.shield {
+            Some(s) => self.decode_with_condition(bytes, &s.conditions.shielded),
+            None => {
+                tensor_to_image(&self.synthesize(&self.decode_latent(bytes)?, &Condition::FULL)?)
+            }
+        }
     }
 }

@@ -21,8 +21,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
-use crate::backbone::{LicBackbone, ScaleHyperprior, ScaleHyperpriorConfig};
+use crate::backbone::{
+    LicBackbone, PsicHy2018, PsicHy2018Config, ScaleHyperprior, ScaleHyperpriorConfig, PSIC_HY2018,
+};
 use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
+use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, Conditions, TriggerGenerator};
 use crate::{Error, Result};
 
 /// `format` metadata value of psic model files.
@@ -38,16 +41,19 @@ const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
 pub enum Architecture {
     /// Ballé et al. 2018 scale hyperprior (`bmshj2018-hyperprior`).
     ScaleHyperprior(ScaleHyperpriorConfig),
+    /// The official PSIC model (`psic-hy2018`): hyperprior with a conditional synthesis.
+    PsicHy2018(PsicHy2018Config),
 }
 
 impl Architecture {
     /// All architecture names psic knows.
-    pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior"];
+    pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior", PSIC_HY2018];
 
     /// The name written into model files.
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::ScaleHyperprior(_) => "bmshj2018-hyperprior",
+            Architecture::PsicHy2018(_) => PSIC_HY2018,
         }
     }
 
@@ -55,6 +61,7 @@ impl Architecture {
     pub fn config_json(&self) -> serde_json::Value {
         match self {
             Architecture::ScaleHyperprior(c) => serde_json::to_value(c).unwrap_or_default(),
+            Architecture::PsicHy2018(c) => serde_json::to_value(c).unwrap_or_default(),
         }
     }
 
@@ -63,6 +70,9 @@ impl Architecture {
         let bad = |e: serde_json::Error| Error::Model(format!("bad {name} config {config:?}: {e}"));
         match name {
             "bmshj2018-hyperprior" => Ok(Architecture::ScaleHyperprior(
+                serde_json::from_str(config).map_err(bad)?,
+            )),
+            PSIC_HY2018 => Ok(Architecture::PsicHy2018(
                 serde_json::from_str(config).map_err(bad)?,
             )),
             other => Err(Error::Model(format!(
@@ -80,6 +90,9 @@ impl Architecture {
                 .and_then(|t| t.dims().get(i).copied())
                 .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
         };
+        if PsicHy2018Config::matches(tensors) {
+            return Ok(Architecture::PsicHy2018(PsicHy2018Config::infer(tensors)?));
+        }
         if tensors.contains_key("g_s.0.weight") && tensors.contains_key("h_s.4.weight") {
             let n = dim("g_a.0.weight", 0)?;
             let m = dim("g_a.6.weight", 0)?;
@@ -106,7 +119,16 @@ impl Architecture {
     pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn LicBackbone>> {
         Ok(match self {
             Architecture::ScaleHyperprior(c) => Box::new(ScaleHyperprior::new(vb, c)?),
+            Architecture::PsicHy2018(c) => Box::new(PsicHy2018::new(vb, c)?),
         })
+    }
+
+    /// Channels of the hyper-latent (the entropy bottleneck's width).
+    pub fn hyper_channels(&self) -> usize {
+        match self {
+            Architecture::ScaleHyperprior(c) => c.n,
+            Architecture::PsicHy2018(c) => c.n,
+        }
     }
 }
 
@@ -241,6 +263,10 @@ impl ModelFile {
             )]),
         };
         model.complete_cdf_tables(device)?;
+        if let Some(c) = model.conditions()? {
+            let json = serde_json::to_string(&c).unwrap_or_default();
+            model.extra_metadata.insert("conditions".into(), json);
+        }
         // Building the backbone checks every tensor's presence and shape.
         model.build_backbone(device)?;
         Ok(model)
@@ -248,14 +274,13 @@ impl ModelFile {
 
     /// Adds CDF tables computed from the entropy models where the checkpoint has none.
     fn complete_cdf_tables(&mut self, device: &Device) -> Result<()> {
-        let Architecture::ScaleHyperprior(cfg) = self.architecture.clone();
+        let n = self.architecture.hyper_channels();
         if !self
             .tensors
             .contains_key("entropy_bottleneck._quantized_cdf")
         {
             let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
-            let mut eb =
-                crate::entropy::EntropyBottleneck::new(vb.pp("entropy_bottleneck"), cfg.n)?;
+            let mut eb = crate::entropy::EntropyBottleneck::new(vb.pp("entropy_bottleneck"), n)?;
             eb.update()?;
             let tables = eb.tables().expect("update builds tables");
             self.insert_tables("entropy_bottleneck", tables, device)?;
@@ -308,6 +333,69 @@ impl ModelFile {
         self.architecture.build(vb)
     }
 
+    /// The trigger generator of a shielded model: the official CLTG of `psic-hy2018`, or the
+    /// generic `cltg.*` generator of a wrapped backbone (anchored at the full condition, so its
+    /// full decode is the plain backbone's). `None` for plain models.
+    pub fn build_generator(&self, device: &Device) -> Result<Option<Box<dyn TriggerGenerator>>> {
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
+        match &self.architecture {
+            Architecture::PsicHy2018(c) => Ok(Some(Box::new(PsicHy2018::load_cltg(vb, c)?))),
+            Architecture::ScaleHyperprior(c) => {
+                let Some(cfg) = CltgConfig::infer_generic(&self.tensors)? else {
+                    return Ok(None);
+                };
+                if cfg.injection_points != vec![c.n; 3] {
+                    return Err(Error::Model(format!(
+                        "cltg.* weights are for injection points {:?}, the backbone has {:?}",
+                        cfg.injection_points,
+                        vec![c.n; 3]
+                    )));
+                }
+                let full = self.conditions()?.unwrap_or_default().full;
+                Ok(Some(Box::new(AnchoredGenerator::new(
+                    Cltg::new(vb, &cfg)?,
+                    full,
+                ))))
+            }
+        }
+    }
+
+    /// Wraps this (plain) model with a freshly initialised, seeded CLTG for its backbone's
+    /// injection points (`cltg.*` weights): the starting point of shielding training. The full
+    /// decode of the result is exactly the plain model's until the backbone itself is trained.
+    pub fn with_new_cltg(&self, seed: u64, device: &Device) -> Result<Self> {
+        if !matches!(self.architecture, Architecture::ScaleHyperprior(_)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} already has its own trigger generator",
+                self.architecture.name()
+            )));
+        }
+        let points = self.build_backbone(device)?.injection_points();
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+        Cltg::new(vb, &CltgConfig::new(points))?;
+        let mut out = self.clone();
+        for (name, var) in varmap.data().lock().expect("VarMap lock").iter() {
+            out.tensors.insert(name.clone(), var.as_tensor().copy()?);
+        }
+        let conditions = serde_json::to_string(&Conditions::default()).unwrap_or_default();
+        out.extra_metadata.insert("conditions".into(), conditions);
+        Ok(out)
+    }
+
+    /// The conditions of a shielded model: the `conditions` metadata, or the official
+    /// convention (0 full, 1 shielded) for models with a generator and no such entry.
+    pub fn conditions(&self) -> Result<Option<Conditions>> {
+        if let Some(json) = self.extra_metadata.get("conditions") {
+            return serde_json::from_str(json)
+                .map(Some)
+                .map_err(|e| Error::Model(format!("bad conditions metadata {json:?}: {e}")));
+        }
+        let shielded = matches!(self.architecture, Architecture::PsicHy2018(_))
+            || self.tensors.keys().any(|k| k.starts_with("cltg."));
+        Ok(shielded.then(Conditions::default))
+    }
+
     /// The model's fingerprint (see the module docs).
     pub fn fingerprint(&self) -> Result<Fingerprint> {
         let mut h = Sha256::new();
@@ -316,7 +404,14 @@ impl ModelFile {
         h.update(self.architecture.name().as_bytes());
         h.update([0]);
         h.update(self.architecture.config_json().to_string().as_bytes());
-        let mut names: Vec<&String> = self.tensors.keys().collect();
+        // The trigger generator of a wrapped backbone is left out: shielding a backbone must not
+        // change its streams (a wrapped model reads the plain model's streams and vice versa).
+        let prefix = format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX);
+        let mut names: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !k.starts_with(&prefix))
+            .collect();
         names.sort();
         for name in names {
             let t = &self.tensors[name];

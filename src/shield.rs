@@ -58,6 +58,26 @@ impl Default for Condition {
     }
 }
 
+/// Which conditions a model was trained for: recorded in every shielded model file (metadata
+/// key `conditions`), since the bitstream never carries one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Conditions {
+    /// The condition of the full reconstruction.
+    pub full: Condition,
+    /// The condition of the shielded reconstruction (the default decode).
+    pub shielded: Condition,
+}
+
+impl Default for Conditions {
+    /// The official PSIC convention: `beta = 0` full, `beta = 1` shielded.
+    fn default() -> Self {
+        Self {
+            full: Condition::FULL,
+            shielded: Condition::SHIELDED,
+        }
+    }
+}
+
 /// Turns a decode condition into triggers for a synthesis transform's injection points.
 pub trait TriggerGenerator: Send + Sync + std::fmt::Debug {
     /// Widths `C_i` of the injection points this generator produces triggers for, in order. Must
@@ -478,5 +498,59 @@ mod tests {
             CltgNames::psic_hy2018().projections[3],
             "g_s_cond.synthesis_transform.2._proj2.0"
         );
+    }
+}
+
+/// A generator whose triggers are measured from those of an *anchor* condition:
+/// `triggers(c) = inner(c) − inner(anchor)`. Anchored at the full condition, a wrapped backbone's
+/// full decode gets exactly zero triggers, so it is bit-identical to the unwrapped backbone:
+/// shielding can only ever change the shielded decode. psic uses this for every backbone it
+/// wraps (not for the official PSIC model, whose synthesis was trained with absolute triggers).
+#[derive(Debug)]
+pub struct AnchoredGenerator<G: TriggerGenerator = Cltg> {
+    inner: G,
+    anchor: Condition,
+}
+
+impl<G: TriggerGenerator> AnchoredGenerator<G> {
+    /// Anchors `inner` at `anchor` (normally the full condition).
+    pub fn new(inner: G, anchor: Condition) -> Self {
+        Self { inner, anchor }
+    }
+
+    /// The wrapped generator.
+    pub fn inner(&self) -> &G {
+        &self.inner
+    }
+
+    /// The anchor condition.
+    pub fn anchor(&self) -> Condition {
+        self.anchor
+    }
+
+    fn subtract_anchor(&self, triggers: Triggers) -> Result<Triggers> {
+        let base = self.inner.triggers(&self.anchor, 1)?;
+        Ok(Triggers(
+            triggers
+                .0
+                .iter()
+                .zip(&base.0)
+                .map(|(t, b)| t.broadcast_sub(b))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        ))
+    }
+}
+
+impl<G: TriggerGenerator> TriggerGenerator for AnchoredGenerator<G> {
+    fn injection_points(&self) -> &[usize] {
+        self.inner.injection_points()
+    }
+
+    fn triggers(&self, condition: &Condition, batch: usize) -> Result<Triggers> {
+        self.subtract_anchor(self.inner.triggers(condition, batch)?)
+    }
+
+    fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers> {
+        self.subtract_anchor(self.inner.triggers_for_betas(betas)?)
     }
 }

@@ -1,0 +1,104 @@
+//! One bitstream, two decodes, through `Codec`: the official PSIC model against its reference
+//! fixture, and a plain CompressAI hyperprior wrapped with a CLTG.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use psic::bitstream::Bitstream;
+use psic::shield::Condition;
+use psic::{Codec, ModelFile};
+
+#[test]
+fn official_psic_model_encodes_and_decodes_like_the_reference() {
+    let Some(dir) = fixture_dir("psic-official") else {
+        return;
+    };
+    let model = ModelFile::import(dir.join("state_dict.safetensors"), None, &Device::Cpu).unwrap();
+    assert_eq!(model.architecture.name(), "psic-hy2018");
+    // Through a model file on disk, as users get it.
+    let path =
+        std::env::temp_dir().join(format!("psic-official-{}.safetensors", std::process::id()));
+    model.save(&path).unwrap();
+    let codec = Codec::load(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    let conditions = codec.conditions().expect("official model is shielded");
+    assert_eq!(
+        (conditions.full.beta(), conditions.shielded.beta()),
+        (0.0, 1.0)
+    );
+
+    let img = psic::image_io::load_image(dir.join("input.png")).unwrap();
+    let bytes = codec.encode(&img).unwrap();
+    let stream = Bitstream::from_bytes(&bytes).unwrap();
+    assert_eq!(
+        stream.strings[0],
+        std::fs::read(dir.join("y_string.bin")).unwrap()
+    );
+    assert_eq!(
+        stream.strings[1],
+        std::fs::read(dir.join("z_string.bin")).unwrap()
+    );
+
+    let refs = load_tensors(&dir.join("refs.safetensors"));
+    let latent = codec.decode_latent(&bytes).unwrap();
+    for (condition, key) in [
+        (conditions.full, "beta0.decompress_x_hat"),
+        (conditions.shielded, "beta1.decompress_x_hat"),
+    ] {
+        let x = codec
+            .synthesize(&latent, &condition)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
+        let err = max_abs_diff(&f32s(&x), &f32s(&refs[key]));
+        assert!(err < 1e-4, "{key}: max abs error {err}");
+    }
+    // Same stream, two different images; the default decode is the shielded one.
+    let full = codec.decode_full(&bytes, &conditions.full).unwrap();
+    let shielded = codec.decode_shielded(&bytes).unwrap();
+    assert_ne!(full, shielded);
+    assert_eq!(codec.decode(&bytes).unwrap(), shielded);
+}
+
+#[test]
+fn wrapped_hyperprior_keeps_the_stream_and_the_full_decode() {
+    let Some(dir) = fixture_dir("compressai") else {
+        return;
+    };
+    let plain = ModelFile::import(
+        dir.join("hyperprior_128_192.safetensors"),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let wrapped = plain.with_new_cltg(7, &Device::Cpu).unwrap();
+    let plain = Codec::from_model_file(&plain, &Device::Cpu).unwrap();
+    let shielded = Codec::from_model_file(&wrapped, &Device::Cpu).unwrap();
+    assert!(plain.conditions().is_none());
+    let c = shielded.conditions().unwrap();
+
+    let img = psic::image_io::load_image(dir.join("test768x512.png")).unwrap();
+    let img = image::imageops::crop_imm(&img, 0, 0, 200, 136).to_image();
+    // Shielding lives in the decoder only: identical bytes, fingerprint included.
+    let bytes = plain.encode(&img).unwrap();
+    assert_eq!(shielded.encode(&img).unwrap(), bytes);
+    // The full decode of the wrapped model is exactly the plain model's decode...
+    let latent = shielded.decode_latent(&bytes).unwrap();
+    let full = shielded.synthesize(&latent, &c.full).unwrap();
+    let reference = plain.synthesize(&latent, &Condition::FULL).unwrap();
+    assert_eq!(f32s(&full), f32s(&reference));
+    assert_eq!(
+        shielded.decode_full(&bytes, &c.full).unwrap(),
+        plain.decode(&bytes).unwrap()
+    );
+    // ...and the shielded decode is a different image from the same stream.
+    let sh = shielded.synthesize(&latent, &c.shielded).unwrap();
+    assert!(max_abs_diff(&f32s(&sh), &f32s(&full)) > 1e-3);
+    assert_eq!(
+        shielded.decode(&bytes).unwrap(),
+        shielded.decode_shielded(&bytes).unwrap()
+    );
+    // A plain model cannot shield, and says so.
+    assert!(plain.decode_shielded(&bytes).is_err());
+}
