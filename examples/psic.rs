@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example psic -- convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]
 //! cargo run --release --example psic -- encode -m MODEL -i IN.png -o OUT.psic
-//! cargo run --release --example psic -- decode -m MODEL -i IN.psic -o OUT.png
+//! cargo run --release --example psic -- decode -m MODEL -i IN.psic -o OUT.png [--full | --condition BETA]
 //! cargo run --release --example psic -- info -i IN.psic
 //! ```
 //! Errors are one line on stderr and a non-zero exit code.
@@ -15,26 +15,44 @@ use std::time::Instant;
 use candle_core::Device;
 use psic::bitstream::{fingerprint_hex, Bitstream};
 use psic::image_io::{load_image, save_png, write_atomic};
+use psic::shield::Condition;
 use psic::{Codec, Error, ModelFile, Result};
 
 const USAGE: &str = "usage: psic <command> [options]
 commands:
   convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]
-          import a CompressAI checkpoint (.safetensors, .pth, .pth.tar) as a psic model file
+          import a CompressAI or official PSIC checkpoint (.safetensors, .pth, .pth.tar)
+          as a psic model file; ARCH (bmshj2018-hyperprior, psic-hy2018) is inferred
   encode  -m MODEL -i IN.png -o OUT.psic      compress an image
-  decode  -m MODEL -i IN.psic -o OUT.png      decompress a stream
+  decode  -m MODEL -i IN.psic -o OUT.png [--full | --condition BETA]
+          decompress a stream: the shielded decode by default (for shielded models),
+          the full one with --full, or any condition with --condition
   info    -i IN.psic                          print a stream's header";
 
-/// Parsed `--flag value` pairs; `-x` and `--long` names both accepted.
+/// Parsed `--flag value` pairs and value-less switches; `-x` and `--long` names both accepted.
 struct Args {
     values: HashMap<String, String>,
+    switches: Vec<String>,
 }
 
 impl Args {
     fn parse(args: &[String], known: &[(&str, &str)]) -> Result<Self> {
+        Self::parse_with_switches(args, known, &[])
+    }
+
+    fn parse_with_switches(
+        args: &[String],
+        known: &[(&str, &str)],
+        switch_names: &[&str],
+    ) -> Result<Self> {
         let mut values = HashMap::new();
+        let mut switches = Vec::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
+            if switch_names.contains(&a.as_str()) {
+                switches.push(a.clone());
+                continue;
+            }
             let Some(&(_, long)) = known.iter().find(|(s, l)| a == s || a == l) else {
                 return Err(Error::InvalidArgument(format!(
                     "unknown option {a}\n{USAGE}"
@@ -45,7 +63,11 @@ impl Args {
                 .ok_or_else(|| Error::InvalidArgument(format!("{a} needs a value")))?;
             values.insert(long.to_string(), v.clone());
         }
-        Ok(Self { values })
+        Ok(Self { values, switches })
+    }
+
+    fn switch(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
     }
 
     fn get(&self, long: &str) -> Result<&str> {
@@ -108,22 +130,52 @@ fn encode(args: &[String]) -> Result<()> {
 }
 
 fn decode(args: &[String]) -> Result<()> {
-    let a = Args::parse(
+    let a = Args::parse_with_switches(
         args,
-        &[("-m", "--model"), ("-i", "--input"), ("-o", "--output")],
+        &[
+            ("-m", "--model"),
+            ("-i", "--input"),
+            ("-o", "--output"),
+            ("-c", "--condition"),
+        ],
+        &["--full"],
     )?;
     let t = Instant::now();
     let codec = Codec::load(a.get("--model")?)?;
     let load_s = t.elapsed().as_secs_f64();
     let input = a.get("--input")?;
     let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let condition = match (a.opt("--condition"), a.switch("--full")) {
+        (Some(_), true) => {
+            return Err(Error::InvalidArgument(
+                "give either --full or --condition, not both".into(),
+            ))
+        }
+        (Some(v), false) => Some(Condition::new(v.parse::<f32>().map_err(|_| {
+            Error::InvalidArgument(format!("--condition {v:?} is not a number"))
+        })?)),
+        (None, true) => Some(
+            codec
+                .conditions()
+                .map(|c| c.full)
+                .unwrap_or(Condition::FULL),
+        ),
+        (None, false) => None,
+    };
     let t = Instant::now();
-    let img = codec.decode(&bytes)?;
+    let (img, what) = match (&condition, codec.conditions()) {
+        (Some(c), _) => (
+            codec.decode_full(&bytes, c)?,
+            format!("condition {}", c.beta()),
+        ),
+        (None, Some(_)) => (codec.decode_shielded(&bytes)?, "shielded".to_string()),
+        (None, None) => (codec.decode(&bytes)?, "plain model".to_string()),
+    };
     let dec_s = t.elapsed().as_secs_f64();
     save_png(a.get("--output")?, &img)?;
     let bpp = bytes.len() as f64 * 8.0 / (img.width() as f64 * img.height() as f64);
     println!(
-        "{} bytes -> {}x{}, {bpp:.4} bpp; model load {load_s:.2} s, decode {dec_s:.2} s",
+        "{} bytes -> {}x{} ({what}), {bpp:.4} bpp; model load {load_s:.2} s, decode {dec_s:.2} s",
         bytes.len(),
         img.width(),
         img.height()
