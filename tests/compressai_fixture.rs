@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use psic::bitstream::Bitstream;
-use psic::{Codec, LicBackbone, ModelFile};
+use psic::{Codec, ModelFile};
 
 struct Fixture {
     codec: Codec,

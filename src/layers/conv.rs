@@ -136,7 +136,7 @@ impl ConvTranspose2d {
             self.stride as isize,
             self.padding as isize,
         );
-        let d_min = (0 + p - (k - 1)).div_euclid(s);
+        let d_min = (p - (k - 1)).div_euclid(s);
         let d_max = (s - 1 + p).div_euclid(s);
         (d_min, d_max)
     }
