@@ -195,6 +195,37 @@ impl ModelFile {
         })
     }
 
+    /// A freshly initialised (untrained) model of `architecture`, reproducible from `seed`, with
+    /// its CDF tables computed: the starting point of training, and a fixture for tests.
+    pub fn initialize(architecture: Architecture, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+        architecture.build(vb)?;
+        let tensors = varmap
+            .data()
+            .lock()
+            .expect("VarMap lock")
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut model = Self {
+            architecture,
+            tensors,
+            extra_metadata: BTreeMap::from([(
+                "source".to_string(),
+                format!("psic initialisation, seed {seed} (untrained)"),
+            )]),
+        };
+        model.complete_cdf_tables(device)?;
+        model.extra_metadata.remove("entropy_bottleneck.tables");
+        model.extra_metadata.remove("gaussian_conditional.tables");
+        if let Some(c) = model.conditions()? {
+            let json = serde_json::to_string(&c).unwrap_or_default();
+            model.extra_metadata.insert("conditions".into(), json);
+        }
+        Ok(model)
+    }
+
     /// Imports a CompressAI-style checkpoint: safetensors with CompressAI key names, or a
     /// PyTorch pickle (`.pth`, `.pth.tar`, `.pt`; a `{"state_dict": ...}` wrapper is unwrapped).
     /// The architecture is inferred from the keys unless given. Integer buffers stored as floats
