@@ -6,4 +6,6 @@ pub mod cdf;
 pub mod coder;
 
 pub use cdf::{pmf_to_quantized_cdf, CdfTables};
+#[cfg(feature = "ryg-rans")]
+pub use coder::RygRansCoder;
 pub use coder::{EntropyCoder, RansCoder};
