@@ -397,3 +397,64 @@ fn gaussian_tables_rebuilt_from_the_scale_table() {
         );
     }
 }
+
+/// Seconds this thread has run on a CPU (Linux schedstat, so other load on the machine does not
+/// count), or wall-clock seconds where that is unavailable.
+fn thread_seconds(wall: std::time::Instant) -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter(|&ns| ns > 0)
+        .map_or_else(|| wall.elapsed().as_secs_f64(), |ns| ns as f64 * 1e-9)
+}
+
+/// Throughput on the fixture strings (not a check; run in release with
+/// `cargo test --release --test rans_fixtures -- --ignored --nocapture throughput`).
+#[test]
+#[ignore]
+fn throughput() {
+    let start = std::time::Instant::now();
+    let Some(cases) = all_cases() else { return };
+    #[allow(unused_mut)]
+    let mut coders: Vec<(&str, Box<dyn EntropyCoder>)> = vec![("RansCoder", Box::new(RansCoder))];
+    #[cfg(feature = "ryg-rans")]
+    coders.push(("RygRansCoder", Box::new(psic::entropy::coder::RygRansCoder)));
+    // Best of several rounds, to see past other load on the machine.
+    let rounds: usize = std::env::var("PSIC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let only = std::env::var("PSIC_BENCH_ONLY").unwrap_or_default();
+    for c in cases
+        .iter()
+        .filter(|c| c.symbols.len() >= 1000 && c.name.contains(&only))
+    {
+        for (name, coder) in &coders {
+            // Long timings: the schedstat clock advances in scheduler ticks.
+            let reps = (30_000_000 / c.symbols.len()).max(1);
+            let mut best = [f64::MAX; 2];
+            for _ in 0..rounds {
+                let t = thread_seconds(start);
+                for _ in 0..reps {
+                    let out = coder.encode_with_indexes(&c.symbols, &c.indexes, &c.tables);
+                    std::hint::black_box(out.unwrap());
+                }
+                best[0] = best[0].min(thread_seconds(start) - t);
+                let t = thread_seconds(start);
+                for _ in 0..reps {
+                    let out = coder.decode_with_indexes(&c.data, &c.indexes, &c.tables);
+                    std::hint::black_box(out.unwrap());
+                }
+                best[1] = best[1].min(thread_seconds(start) - t);
+            }
+            let rate = |secs: f64| (reps * c.symbols.len()) as f64 / secs / 1e6;
+            println!(
+                "{:<26} {name:<13} {:>7} symbols: encode {:6.1} M symbols/s, decode {:6.1} M symbols/s",
+                c.name,
+                c.symbols.len(),
+                rate(best[0]),
+                rate(best[1])
+            );
+        }
+    }
+}
