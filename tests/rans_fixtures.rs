@@ -398,6 +398,42 @@ fn gaussian_tables_rebuilt_from_the_scale_table() {
     }
 }
 
+/// 1M symbols round(N(0, scale)) with table indexes uniform over the 64 Gaussian tables of the
+/// CompressAI model (like CompressAI's own "synthetic_gaussian_uniform_index" benchmark).
+fn synthetic_gaussian_case() -> Case {
+    let dir = fixtures().unwrap().join("compressai");
+    let model_bytes = read(&dir.join("hyperprior_128_192.safetensors"));
+    let model = SafeTensors::deserialize(&model_bytes).unwrap();
+    let tables = tables(&model, "gaussian_conditional");
+    let scales = floats(&model, "gaussian_conditional.scale_table");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut uniform = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let n = 1_000_000;
+    let mut symbols = Vec::with_capacity(n);
+    let mut indexes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let i = (uniform() * 64.0) as usize;
+        let normal = (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos();
+        symbols.push((normal * f64::from(scales[i])).round() as i32);
+        indexes.push(i as i32);
+    }
+    let data = RansCoder
+        .encode_with_indexes(&symbols, &indexes, &tables)
+        .unwrap();
+    Case {
+        name: "synthetic gaussian",
+        tables,
+        data,
+        symbols,
+        indexes,
+    }
+}
+
 /// Seconds this thread has run on a CPU (Linux schedstat, so other load on the machine does not
 /// count), or wall-clock seconds where that is unavailable.
 fn thread_seconds(wall: std::time::Instant) -> f64 {
@@ -414,7 +450,8 @@ fn thread_seconds(wall: std::time::Instant) -> f64 {
 #[ignore]
 fn throughput() {
     let start = std::time::Instant::now();
-    let Some(cases) = all_cases() else { return };
+    let Some(mut cases) = all_cases() else { return };
+    cases.push(synthetic_gaussian_case());
     #[allow(unused_mut)]
     let mut coders: Vec<(&str, Box<dyn EntropyCoder>)> = vec![("RansCoder", Box::new(RansCoder))];
     #[cfg(feature = "ryg-rans")]

@@ -32,6 +32,9 @@ const LINEAR_SCAN_MAX: usize = 8;
 /// rounds to all zeros, an entry that is NaN or rounds to a negative value or one beyond `u32`,
 /// more symbols than `1 << precision`, or a CDF in which no frequency can be stolen to make it
 /// strictly increasing.
+///
+/// Like the original, the stealing pass takes time quadratic in the number of zero-frequency
+/// symbols; callers that size pmfs from untrusted data should bound their length.
 pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
     if !(1..=30).contains(&precision) {
         return Err(Error::InvalidArgument(format!(
