@@ -9,7 +9,9 @@ use psic::ModelFile;
 
 #[test]
 fn likelihoods_match_the_reference() {
-    let Some(dir) = fixture_dir("psic-official") else { return };
+    let Some(dir) = fixture_dir("psic-official") else {
+        return;
+    };
     let model = ModelFile::import(dir.join("state_dict.safetensors"), None, &Device::Cpu).unwrap();
     let b = model.build_backbone(&Device::Cpu).unwrap();
     let refs = load_tensors(&dir.join("refs.safetensors"));

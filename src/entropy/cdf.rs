@@ -10,12 +10,15 @@ use crate::error::{Error, Result};
 /// `1 << PRECISION`.
 pub const PRECISION: u32 = 16;
 
-/// Largest number of cumulative-frequency bits a decode lookup uses (2^12 buckets = 8 KiB a table).
-const MAX_LUT_BITS: u32 = 12;
+/// Most cumulative-frequency bits a decode lookup uses: 2^9 buckets of 8 bytes, 4 KiB a table.
+const MAX_LUT_BITS: u32 = 9;
 
-/// Lookup buckets per symbol, as a power of two (2^3 = 8 buckets per symbol, capped by
-/// [`MAX_LUT_BITS`]).
-const LUT_BITS_PER_SYMBOL: u32 = 3;
+/// A decode lookup stops growing once at most `2^16 >> SEARCH_SHARE_SHIFT` (1/32) of the
+/// cumulative frequencies fall into buckets that need a CDF search.
+const SEARCH_SHARE_SHIFT: u32 = 5;
+
+/// Buckets spanning at most this many symbols are searched linearly, others by bisection.
+const LINEAR_SCAN_MAX: usize = 8;
 
 /// Converts a probability mass function to a quantised CDF with `precision` bits, reproducing
 /// CompressAI's C++ `pmf_to_quantized_cdf` (`cpp_exts/ops/ops.cpp`) bit for bit.
@@ -29,6 +32,9 @@ const LUT_BITS_PER_SYMBOL: u32 = 3;
 /// rounds to all zeros, an entry that is NaN or rounds to a negative value or one beyond `u32`,
 /// more symbols than `1 << precision`, or a CDF in which no frequency can be stolen to make it
 /// strictly increasing.
+///
+/// Like the original, the stealing pass takes time quadratic in the number of zero-frequency
+/// symbols; callers that size pmfs from untrusted data should bound their length.
 pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
     if !(1..=30).contains(&precision) {
         return Err(Error::InvalidArgument(format!(
@@ -117,14 +123,53 @@ pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
 pub(crate) struct Table {
     /// The CDF: `cdf[0] == 0`, `cdf[last] == 1 << PRECISION`, strictly increasing.
     pub(crate) cdf: Box<[u32]>,
-    /// For bucket `b`, the symbol `s` with `cdf[s] <= b << lut_shift < cdf[s + 1]`.
-    lut: Box<[u16]>,
+    /// Decode lookup, one entry per bucket of cumulative frequencies.
+    lut: Box<[Bucket]>,
     /// Cumulative frequency `c` falls into bucket `c >> lut_shift`.
     lut_shift: u32,
     /// Value of symbol 0.
     pub(crate) offset: i32,
     /// The escape symbol, `cdf.len() - 2`.
     pub(crate) max_value: u32,
+}
+
+/// Decode lookup entry of one bucket of cumulative frequencies (8 bytes, fields loaded directly).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Frequency of the symbol holding the whole bucket, or 0 if the bucket needs a scan.
+    freq: u16,
+    /// Cumulative frequency where that symbol starts.
+    start: u16,
+    /// Its value (symbol + offset); for a scan bucket, the symbol holding the bucket's start.
+    value: i32,
+}
+
+impl Bucket {
+    /// The bucket's number of symbols after the first, for a scan bucket (whose `freq` is 0).
+    fn span(&self) -> usize {
+        usize::from(self.start)
+    }
+}
+
+/// What the lookup says about one cumulative frequency.
+pub(crate) enum LutEntry {
+    /// The whole bucket lies in one ordinary (non-escape) symbol `[start, start + freq)` whose
+    /// value (symbol + offset) fits in `i32`.
+    Direct {
+        /// Cumulative frequency where the symbol starts.
+        start: u32,
+        /// Frequency of the symbol.
+        freq: u32,
+        /// Decoded value, symbol + offset.
+        value: i32,
+    },
+    /// Anything else: search the CDF between the symbols holding the bucket's ends.
+    Scan {
+        /// Symbol holding the bucket's first cumulative frequency.
+        first: usize,
+        /// Symbol holding the bucket's last cumulative frequency.
+        last: usize,
+    },
 }
 
 impl Table {
@@ -150,22 +195,21 @@ impl Table {
                 "is not strictly increasing at entry {k} (every symbol needs a frequency >= 1)"
             ));
         }
-        // Strictly increasing from 0 to 65536 implies at most 65536 symbols: indexes fit in u16.
+        // Strictly increasing from 0 to 65536: at most 65536 symbols, frequencies <= 65536.
         let n_symbols = cdf.len() - 1;
-        let symbol_bits = usize::BITS - (n_symbols - 1).leading_zeros();
-        let lut_bits = (symbol_bits + LUT_BITS_PER_SYMBOL).min(MAX_LUT_BITS);
-        let lut_shift = PRECISION - lut_bits;
-        let mut lut = Vec::with_capacity(1 << lut_bits);
-        let mut s = 0usize;
-        for b in 0..(1u32 << lut_bits) {
-            let lo = b << lut_shift;
-            while cdf[s + 1] <= lo {
-                s += 1;
+        let max_value = n_symbols - 1;
+        // The smallest lookup that sends few cumulative frequencies to a search.
+        let mut lut_bits = 1;
+        let lut = loop {
+            let (lut, searched) = build_lut(&cdf, offset, lut_bits);
+            if lut_bits == MAX_LUT_BITS || searched <= (1 << PRECISION) >> SEARCH_SHARE_SHIFT {
+                break lut;
             }
-            lut.push(s as u16);
-        }
+            lut_bits += 1;
+        };
+        let lut_shift = PRECISION - lut_bits;
         Ok(Table {
-            max_value: (n_symbols - 1) as u32,
+            max_value: max_value as u32,
             cdf: cdf.into_boxed_slice(),
             lut: lut.into_boxed_slice(),
             lut_shift,
@@ -173,15 +217,91 @@ impl Table {
         })
     }
 
+    /// The lookup entry for cumulative frequency `cum < 1 << PRECISION`.
+    #[inline(always)]
+    pub(crate) fn lookup(&self, cum: u32) -> LutEntry {
+        let b = self.lut[(cum >> self.lut_shift) as usize];
+        if b.freq != 0 {
+            LutEntry::Direct {
+                start: u32::from(b.start),
+                freq: u32::from(b.freq),
+                value: b.value,
+            }
+        } else {
+            let first = b.value as usize;
+            LutEntry::Scan {
+                first,
+                last: first + b.span(),
+            }
+        }
+    }
+
+    /// The symbol `s` with `cdf[s] <= cum < cdf[s + 1]`, given that it lies in `first..=last`.
+    #[inline(always)]
+    pub(crate) fn scan(&self, first: usize, last: usize, cum: u32) -> usize {
+        if last - first <= LINEAR_SCAN_MAX {
+            let mut s = first;
+            while self.cdf[s + 1] <= cum {
+                s += 1;
+            }
+            s
+        } else {
+            first + self.cdf[first + 1..=last].partition_point(|&c| c <= cum)
+        }
+    }
+
     /// The symbol `s` with `cdf[s] <= cum < cdf[s + 1]`, for `cum < 1 << PRECISION`.
+    #[cfg(any(test, feature = "ryg-rans"))]
     #[inline(always)]
     pub(crate) fn find(&self, cum: u32) -> usize {
-        let mut s = usize::from(self.lut[(cum >> self.lut_shift) as usize]);
-        while self.cdf[s + 1] <= cum {
-            s += 1;
+        match self.lookup(cum) {
+            LutEntry::Direct { value, .. } => (i64::from(value) - i64::from(self.offset)) as usize,
+            LutEntry::Scan { first, last } => self.scan(first, last, cum),
         }
-        s
     }
+}
+
+/// Builds the decode lookup of a validated CDF with `2^bits` buckets; also returns how many
+/// cumulative frequencies fall into buckets that need a search.
+fn build_lut(cdf: &[u32], offset: i32, bits: u32) -> (Vec<Bucket>, u32) {
+    let max_value = cdf.len() - 2;
+    let shift = PRECISION - bits;
+    let width = 1u32 << shift;
+    let mut lut = Vec::with_capacity(1 << bits);
+    let mut searched = 0;
+    let (mut first, mut last) = (0usize, 0usize);
+    for b in 0..(1u32 << bits) {
+        let lo = b << shift;
+        let hi = lo + width - 1;
+        while cdf[first + 1] <= lo {
+            first += 1;
+        }
+        last = last.max(first);
+        while cdf[last + 1] <= hi {
+            last += 1;
+        }
+        let value = i32::try_from(first as i64 + i64::from(offset));
+        let bucket = match value {
+            // One ordinary symbol: its freq is below 65536 (the escape symbol takes at least 1)
+            // and it starts below 65536.
+            Ok(value) if first == last && first != max_value => Bucket {
+                freq: (cdf[first + 1] - cdf[first]) as u16,
+                start: cdf[first] as u16,
+                value,
+            },
+            // At most 65536 symbols: first and last - first fit in 16 bits.
+            _ => {
+                searched += width;
+                Bucket {
+                    freq: 0,
+                    start: (last - first) as u16,
+                    value: first as i32,
+                }
+            }
+        };
+        lut.push(bucket);
+    }
+    (lut, searched)
 }
 
 /// A validated set of quantised CDF tables, as CompressAI's entropy models store them (one CDF and
@@ -303,6 +423,24 @@ impl CdfTables {
     }
 }
 
+impl CdfTables {
+    /// The tables in CompressAI's buffer layout: (`_quantized_cdf` row-major and zero-padded,
+    /// rows, row width, `_cdf_length`, `_offset`), for writing model files.
+    pub fn to_padded(&self) -> (Vec<i32>, usize, usize, Vec<i32>, Vec<i32>) {
+        let rows = self.len();
+        let width = (0..rows).map(|i| self.cdf(i).len()).max().unwrap_or(0);
+        let mut padded = vec![0i32; rows * width];
+        for i in 0..rows {
+            for (k, &v) in self.cdf(i).iter().enumerate() {
+                padded[i * width + k] = v as i32;
+            }
+        }
+        let lengths = (0..rows).map(|i| self.cdf(i).len() as i32).collect();
+        let offsets = (0..rows).map(|i| self.offset(i)).collect();
+        (padded, rows, width, lengths, offsets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +522,7 @@ mod tests {
         // The largest possible table: every cumulative frequency its own symbol.
         let full: Vec<u32> = (0..=65536).collect();
         let t = CdfTables::new(vec![full], vec![0]).unwrap();
-        for cum in [0, 1, 2, 4095, 4096, 65535] {
+        for cum in 0..65536 {
             assert_eq!(t.tables[0].find(cum), cum as usize);
         }
     }
@@ -420,7 +558,9 @@ mod tests {
         };
         for _ in 0..50 {
             let n = 1 + (next() % 3000) as usize;
-            let pmf: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 + 0.5).collect();
+            let mut pmf: Vec<f32> = (0..n).map(|_| (next() % 1000) as f32 + 0.5).collect();
+            let sum: f32 = pmf.iter().sum();
+            pmf.iter_mut().for_each(|p| *p /= sum);
             let cdf = pmf_to_quantized_cdf(&pmf, 16).unwrap();
             let t = Table::new(cdf.clone(), 0, 0).unwrap();
             for cum in 0..65536u32 {
@@ -428,23 +568,5 @@ mod tests {
                 assert!(cdf[s] <= cum && cum < cdf[s + 1]);
             }
         }
-    }
-}
-
-impl CdfTables {
-    /// The tables in CompressAI's buffer layout: (`_quantized_cdf` row-major and zero-padded,
-    /// rows, row width, `_cdf_length`, `_offset`), for writing model files.
-    pub fn to_padded(&self) -> (Vec<i32>, usize, usize, Vec<i32>, Vec<i32>) {
-        let rows = self.len();
-        let width = (0..rows).map(|i| self.cdf(i).len()).max().unwrap_or(0);
-        let mut padded = vec![0i32; rows * width];
-        for i in 0..rows {
-            for (k, &v) in self.cdf(i).iter().enumerate() {
-                padded[i * width + k] = v as i32;
-            }
-        }
-        let lengths = (0..rows).map(|i| self.cdf(i).len() as i32).collect();
-        let offsets = (0..rows).map(|i| self.offset(i)).collect();
-        (padded, rows, width, lengths, offsets)
     }
 }

@@ -31,47 +31,75 @@ pub struct GaussianConditional {
     tables: CdfTables,
 }
 
-/// Standard normal CDF, `0.5 * erfc(-x / sqrt(2))`.
-fn std_cumulative(x: f64) -> f64 {
-    0.5 * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
-}
-
-/// Complementary error function (W. J. Cody's rational approximations are overkill here; this is
-/// Numerical Recipes' erfcc, relative error < 1.2e-7, plenty for 16-bit tables).
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        r
+/// erfc in double precision (series below 2, continued fraction above), to about 1e-15
+/// relative: precise enough that rounding it to f32 reproduces PyTorch's f32 `erfc`.
+fn erfc64(x: f64) -> f64 {
+    if x < 0.0 {
+        return 2.0 - erfc64(-x);
+    }
+    let frac_2_sqrt_pi = std::f64::consts::FRAC_2_SQRT_PI;
+    if x < 2.0 {
+        // erf(x) = 2/sqrt(pi) exp(-x^2) sum_n 2^n x^(2n+1) / (1*3*...*(2n+1)); all terms positive.
+        let x2 = x * x;
+        let mut term = x;
+        let mut sum = x;
+        let mut n = 0.0;
+        while term > sum * 1e-18 {
+            n += 1.0;
+            term *= 2.0 * x2 / (2.0 * n + 1.0);
+            sum += term;
+        }
+        1.0 - frac_2_sqrt_pi * (-x2).exp() * sum
     } else {
-        2.0 - r
+        // erfc(x) = exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))).
+        let mut t = x;
+        for n in (1..=120).rev() {
+            t = x + f64::from(n) / 2.0 / t;
+        }
+        0.5 * frac_2_sqrt_pi * (-x * x).exp() / t
     }
 }
 
-/// `-ndtri(q)` for the small tail probability used by CompressAI (`q = TAIL_MASS / 2`).
-fn normal_quantile_upper(q: f64) -> f64 {
-    // Bisection on the monotone CDF: exact enough and free of special-function tables.
-    let (mut lo, mut hi) = (0.0f64, 40.0f64);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if std_cumulative(-mid) > q {
-            lo = mid;
-        } else {
-            hi = mid;
+/// The standard normal quantile, by Newton's method on [`erfc64`].
+fn ndtri64(p: f64) -> f64 {
+    let mut x = -6.0;
+    for _ in 0..100 {
+        let cdf = 0.5 * erfc64(-x / std::f64::consts::SQRT_2);
+        let pdf = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let step = (cdf - p) / pdf;
+        x -= step;
+        if step.abs() < 1e-15 * x.abs() {
+            break;
         }
     }
-    0.5 * (lo + hi)
+    x
+}
+
+/// CompressAI's `GaussianConditional.update()` for one scale, in f32 exactly as PyTorch computes
+/// it (erfc evaluated in f64 and rounded to f32): returns (cdf, offset). Reproduces the stored
+/// tables of both reference fixtures entry for entry.
+fn gaussian_cdf(scale: f32) -> Result<(Vec<u32>, i32)> {
+    let multiplier = -ndtri64(TAIL_MASS / 2.0) as f32;
+    let center = (scale * multiplier).ceil();
+    if !(0.0..=(1 << 20) as f32).contains(&center) {
+        return Err(Error::Model(format!("scale {scale} cannot be tabulated")));
+    }
+    let center = center as i32;
+    let phi = |v: f32| 0.5f32 * (erfc64(f64::from(-(2f32.powf(-0.5)) * v)) as f32);
+    let length = 2 * center + 1;
+    let mut pmf = Vec::with_capacity(length as usize + 1);
+    let mut tail = 0.0f32;
+    for j in 0..length {
+        let sample = (j - center).abs() as f32;
+        let upper = phi((0.5 - sample) / scale);
+        let lower = phi((-0.5 - sample) / scale);
+        if j == 0 {
+            tail = 2.0 * lower;
+        }
+        pmf.push(upper - lower);
+    }
+    pmf.push(tail);
+    Ok((pmf_to_quantized_cdf(&pmf, PRECISION)?, -center))
 }
 
 impl GaussianConditional {
@@ -138,25 +166,10 @@ impl GaussianConditional {
 
     /// CompressAI's `update()`: one discretised Gaussian CDF per scale of the table.
     fn build_tables(scale_table: &[f32]) -> Result<CdfTables> {
-        let multiplier = normal_quantile_upper(TAIL_MASS / 2.0);
-        let mut cdfs = Vec::with_capacity(scale_table.len());
-        let mut offsets = Vec::with_capacity(scale_table.len());
-        for &s in scale_table {
-            let s = s as f64;
-            let center = (s * multiplier).ceil() as i64;
-            if center > 1 << 20 {
-                return Err(Error::Model(format!("scale {s} is too large to tabulate")));
-            }
-            let mut prob: Vec<f32> = (0..2 * center + 1)
-                .map(|k| {
-                    let v = (k - center).abs() as f64;
-                    (std_cumulative((0.5 - v) / s) - std_cumulative((-0.5 - v) / s)) as f32
-                })
-                .collect();
-            prob.push((2.0 * std_cumulative((-0.5 - center as f64) / s)) as f32);
-            cdfs.push(pmf_to_quantized_cdf(&prob, PRECISION)?);
-            offsets.push(-(center as i32));
-        }
+        let (cdfs, offsets) = scale_table
+            .iter()
+            .map(|&s| gaussian_cdf(s))
+            .collect::<Result<(Vec<_>, Vec<_>)>>()?;
         CdfTables::new(cdfs, offsets)
     }
 

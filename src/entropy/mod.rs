@@ -9,5 +9,7 @@ mod gaussian;
 
 pub use bottleneck::EntropyBottleneck;
 pub use cdf::{pmf_to_quantized_cdf, CdfTables};
+#[cfg(feature = "ryg-rans")]
+pub use coder::RygRansCoder;
 pub use coder::{EntropyCoder, RansCoder};
 pub use gaussian::{default_scale_table, GaussianConditional, SCALE_BOUND};
