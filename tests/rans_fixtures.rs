@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use psic::entropy::cdf::PRECISION;
-use psic::entropy::{pmf_to_quantized_cdf, CdfTables, EntropyCoder, RansCoder};
+use psic::entropy::{CdfTables, EntropyCoder, RansCoder};
 use safetensors::{Dtype, SafeTensors};
 
 /// The shared fixtures folder, or `None` (after printing why) when it is absent.
