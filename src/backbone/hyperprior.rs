@@ -5,10 +5,11 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::hyper::HyperpriorCore;
 use super::{GaussianParams, LicBackbone, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
-use crate::layers::{Conv2d, ConvTranspose2d, Gdn};
-use crate::{Error, Result};
+use crate::layers::{ConvTranspose2d, Gdn};
+use crate::Result;
 
 /// Configuration: `n` channels in the transforms and the hyper-latent, `m` in the latent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,33 +29,15 @@ pub struct ScaleHyperpriorConfig {
 #[derive(Debug, Clone)]
 pub struct ScaleHyperprior {
     cfg: ScaleHyperpriorConfig,
-    g_a: (Vec<Conv2d>, Vec<Gdn>),
+    core: HyperpriorCore,
     g_s: (Vec<ConvTranspose2d>, Vec<Gdn>),
-    h_a: Vec<Conv2d>,
-    h_s: (Vec<ConvTranspose2d>, Conv2d),
-    entropy_bottleneck: EntropyBottleneck,
-    gaussian_conditional: GaussianConditional,
-    device: Device,
 }
 
 impl ScaleHyperprior {
     /// Loads (or creates, for training) the model from `vb`.
     pub fn new(vb: VarBuilder, cfg: &ScaleHyperpriorConfig) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
-        if n == 0 || m == 0 {
-            return Err(Error::Model(format!(
-                "invalid hyperprior size N={n}, M={m}"
-            )));
-        }
-        let g_a_dims = [(3, n), (n, n), (n, n), (n, m)];
-        let g_a_convs = g_a_dims
-            .iter()
-            .enumerate()
-            .map(|(i, &(i_c, o_c))| Conv2d::new(vb.pp(format!("g_a.{}", 2 * i)), i_c, o_c, 5, 2))
-            .collect::<Result<Vec<_>>>()?;
-        let g_a_gdns = (0..3)
-            .map(|i| Gdn::new(vb.pp(format!("g_a.{}", 2 * i + 1)), n, false))
-            .collect::<Result<Vec<_>>>()?;
+        let core = HyperpriorCore::new(&vb, n, m)?;
         let g_s_dims = [(m, n), (n, n), (n, n), (n, 3)];
         let g_s_convs = g_s_dims
             .iter()
@@ -66,27 +49,10 @@ impl ScaleHyperprior {
         let g_s_gdns = (0..3)
             .map(|i| Gdn::new(vb.pp(format!("g_s.{}", 2 * i + 1)), n, true))
             .collect::<Result<Vec<_>>>()?;
-        let h_a = vec![
-            Conv2d::new(vb.pp("h_a.0"), m, n, 3, 1)?,
-            Conv2d::new(vb.pp("h_a.2"), n, n, 5, 2)?,
-            Conv2d::new(vb.pp("h_a.4"), n, n, 5, 2)?,
-        ];
-        let h_s = (
-            vec![
-                ConvTranspose2d::new(vb.pp("h_s.0"), n, n, 5, 2)?,
-                ConvTranspose2d::new(vb.pp("h_s.2"), n, n, 5, 2)?,
-            ],
-            Conv2d::new(vb.pp("h_s.4"), n, m, 3, 1)?,
-        );
         Ok(Self {
             cfg: *cfg,
-            g_a: (g_a_convs, g_a_gdns),
+            core,
             g_s: (g_s_convs, g_s_gdns),
-            h_a,
-            h_s,
-            entropy_bottleneck: EntropyBottleneck::new(vb.pp("entropy_bottleneck"), n)?,
-            gaussian_conditional: GaussianConditional::new(vb.pp("gaussian_conditional"))?,
-            device: vb.device().clone(),
         })
     }
 
@@ -97,7 +63,7 @@ impl ScaleHyperprior {
 
     /// Mutable entropy bottleneck (to rebuild its tables after training).
     pub fn entropy_bottleneck_mut(&mut self) -> &mut EntropyBottleneck {
-        &mut self.entropy_bottleneck
+        &mut self.core.entropy_bottleneck
     }
 }
 
@@ -111,7 +77,7 @@ impl LicBackbone for ScaleHyperprior {
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.core.device
     }
 
     fn latent_channels(&self) -> usize {
@@ -123,38 +89,15 @@ impl LicBackbone for ScaleHyperprior {
     }
 
     fn analysis(&self, x: &Tensor) -> Result<Tensor> {
-        let (convs, gdns) = &self.g_a;
-        let mut h = x.clone();
-        for (i, conv) in convs.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if let Some(gdn) = gdns.get(i) {
-                h = gdn.forward(&h)?;
-            }
-        }
-        Ok(h)
+        self.core.analysis_with(x, &mut |_| {})
     }
 
     fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor> {
-        let mut h = y.abs()?;
-        for (i, conv) in self.h_a.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if i + 1 < self.h_a.len() {
-                h = h.relu()?;
-            }
-        }
-        Ok(h)
+        self.core.hyper_analysis_with(y, &mut |_| {})
     }
 
     fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams> {
-        let (deconvs, last) = &self.h_s;
-        let mut h = z_hat.clone();
-        for d in deconvs {
-            h = d.forward(&h)?.relu()?;
-        }
-        Ok(GaussianParams {
-            scales: last.forward(&h)?.relu()?,
-            means: None,
-        })
+        self.core.hyper_synthesis_with(z_hat, &mut |_| {})
     }
 
     fn injection_points(&self) -> Vec<usize> {
@@ -180,10 +123,10 @@ impl LicBackbone for ScaleHyperprior {
     }
 
     fn entropy_bottleneck(&self) -> &EntropyBottleneck {
-        &self.entropy_bottleneck
+        &self.core.entropy_bottleneck
     }
 
     fn gaussian_conditional(&self) -> &GaussianConditional {
-        &self.gaussian_conditional
+        &self.core.gaussian_conditional
     }
 }

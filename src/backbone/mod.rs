@@ -12,6 +12,7 @@
 //! [`LicBackbone::synthesis`] takes the triggers for them. Encoding never sees the triggers, so
 //! the bitstream is the same whatever decode is asked for.
 
+mod hyper;
 mod hyperprior;
 mod psic_hy2018;
 

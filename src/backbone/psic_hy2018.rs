@@ -8,9 +8,10 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::hyper::HyperpriorCore;
 use super::{GaussianParams, LicBackbone, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
-use crate::layers::{Conv2d, ConvTranspose2d, Gdn, SubpelConv2d};
+use crate::layers::{Conv2d, Gdn, SubpelConv2d};
 use crate::shield::{Cltg, CltgConfig, CltgNames};
 use crate::{Error, Result};
 
@@ -144,44 +145,17 @@ impl ResUp {
 #[derive(Debug, Clone)]
 pub struct PsicHy2018 {
     cfg: PsicHy2018Config,
-    g_a: (Vec<Conv2d>, Vec<Gdn>),
-    h_a: Vec<Conv2d>,
-    h_s: (Vec<ConvTranspose2d>, Conv2d),
+    core: HyperpriorCore,
     cond_res: Vec<CondRes>,
     res_up: Vec<ResUp>,
     last: SubpelConv2d,
-    entropy_bottleneck: EntropyBottleneck,
-    gaussian_conditional: GaussianConditional,
-    device: Device,
 }
 
 impl PsicHy2018 {
     /// Loads (or creates, for training) the backbone from `vb` (the model's root builder).
     pub fn new(vb: VarBuilder, cfg: &PsicHy2018Config) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
-        if n == 0 || m == 0 {
-            return Err(Error::Model(format!("invalid Hy2018 size N={n}, M={m}")));
-        }
-        let g_a_convs = [(3, n), (n, n), (n, n), (n, m)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(i_c, o_c))| Conv2d::new(vb.pp(format!("g_a.{}", 2 * i)), i_c, o_c, 5, 2))
-            .collect::<Result<Vec<_>>>()?;
-        let g_a_gdns = (0..3)
-            .map(|i| Gdn::new(vb.pp(format!("g_a.{}", 2 * i + 1)), n, false))
-            .collect::<Result<Vec<_>>>()?;
-        let h_a = vec![
-            Conv2d::new(vb.pp("h_a.0"), m, n, 3, 1)?,
-            Conv2d::new(vb.pp("h_a.2"), n, n, 5, 2)?,
-            Conv2d::new(vb.pp("h_a.4"), n, n, 5, 2)?,
-        ];
-        let h_s = (
-            vec![
-                ConvTranspose2d::new(vb.pp("h_s.0"), n, n, 5, 2)?,
-                ConvTranspose2d::new(vb.pp("h_s.2"), n, n, 5, 2)?,
-            ],
-            Conv2d::new(vb.pp("h_s.4"), n, m, 3, 1)?,
-        );
+        let core = HyperpriorCore::new(&vb, n, m)?;
         let st = vb.pp("g_s_cond.synthesis_transform");
         let cond_res = (0..4)
             .map(|i| CondRes::new(st.pp(2 * i), if i == 0 { m } else { n }, n))
@@ -192,15 +166,10 @@ impl PsicHy2018 {
         let last = SubpelConv2d::new(st.pp(7), n, 3, 3, 2)?;
         Ok(Self {
             cfg: *cfg,
-            g_a: (g_a_convs, g_a_gdns),
-            h_a,
-            h_s,
+            core,
             cond_res,
             res_up,
             last,
-            entropy_bottleneck: EntropyBottleneck::new(vb.pp("entropy_bottleneck"), n)?,
-            gaussian_conditional: GaussianConditional::new(vb.pp("gaussian_conditional"))?,
-            device: vb.device().clone(),
         })
     }
 
@@ -223,23 +192,14 @@ impl PsicHy2018 {
 
     /// Mutable entropy bottleneck (to rebuild its tables after training).
     pub fn entropy_bottleneck_mut(&mut self) -> &mut EntropyBottleneck {
-        &mut self.entropy_bottleneck
+        &mut self.core.entropy_bottleneck
     }
 
     /// Every intermediate of `g_a`: the outputs of `g_a.0` … `g_a.6` (7 tensors; the last is
     /// `y`). For conformance tests and debugging.
     pub fn analysis_trace(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let (convs, gdns) = &self.g_a;
         let mut out = Vec::with_capacity(7);
-        let mut h = x.clone();
-        for (i, conv) in convs.iter().enumerate() {
-            h = conv.forward(&h)?;
-            out.push(h.clone());
-            if let Some(gdn) = gdns.get(i) {
-                h = gdn.forward(&h)?;
-                out.push(h.clone());
-            }
-        }
+        self.core.analysis_with(x, &mut |t| out.push(t.clone()))?;
         Ok(out)
     }
 
@@ -247,33 +207,17 @@ impl PsicHy2018 {
     /// is `z`).
     pub fn hyper_analysis_trace(&self, y: &Tensor) -> Result<Vec<Tensor>> {
         let mut out = Vec::with_capacity(5);
-        let mut h = y.abs()?;
-        for (i, conv) in self.h_a.iter().enumerate() {
-            h = conv.forward(&h)?;
-            out.push(h.clone());
-            if i + 1 < self.h_a.len() {
-                h = h.relu()?;
-                out.push(h.clone());
-            }
-        }
+        self.core
+            .hyper_analysis_with(y, &mut |t| out.push(t.clone()))?;
         Ok(out)
     }
 
     /// Every intermediate of `h_s`: the outputs of `h_s.0` … `h_s.5` (6 tensors; the last is
     /// the scales).
     pub fn hyper_synthesis_trace(&self, z_hat: &Tensor) -> Result<Vec<Tensor>> {
-        let (deconvs, last) = &self.h_s;
         let mut out = Vec::with_capacity(6);
-        let mut h = z_hat.clone();
-        for d in deconvs {
-            h = d.forward(&h)?;
-            out.push(h.clone());
-            h = h.relu()?;
-            out.push(h.clone());
-        }
-        h = last.forward(&h)?;
-        out.push(h.clone());
-        out.push(h.relu()?);
+        self.core
+            .hyper_synthesis_with(z_hat, &mut |t| out.push(t.clone()))?;
         Ok(out)
     }
 
@@ -312,7 +256,7 @@ impl LicBackbone for PsicHy2018 {
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.core.device
     }
 
     fn latent_channels(&self) -> usize {
@@ -324,38 +268,15 @@ impl LicBackbone for PsicHy2018 {
     }
 
     fn analysis(&self, x: &Tensor) -> Result<Tensor> {
-        let (convs, gdns) = &self.g_a;
-        let mut h = x.clone();
-        for (i, conv) in convs.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if let Some(gdn) = gdns.get(i) {
-                h = gdn.forward(&h)?;
-            }
-        }
-        Ok(h)
+        self.core.analysis_with(x, &mut |_| {})
     }
 
     fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor> {
-        let mut h = y.abs()?;
-        for (i, conv) in self.h_a.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if i + 1 < self.h_a.len() {
-                h = h.relu()?;
-            }
-        }
-        Ok(h)
+        self.core.hyper_analysis_with(y, &mut |_| {})
     }
 
     fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams> {
-        let (deconvs, last) = &self.h_s;
-        let mut h = z_hat.clone();
-        for d in deconvs {
-            h = d.forward(&h)?.relu()?;
-        }
-        Ok(GaussianParams {
-            scales: last.forward(&h)?.relu()?,
-            means: None,
-        })
+        self.core.hyper_synthesis_with(z_hat, &mut |_| {})
     }
 
     fn injection_points(&self) -> Vec<usize> {
@@ -377,10 +298,10 @@ impl LicBackbone for PsicHy2018 {
     }
 
     fn entropy_bottleneck(&self) -> &EntropyBottleneck {
-        &self.entropy_bottleneck
+        &self.core.entropy_bottleneck
     }
 
     fn gaussian_conditional(&self) -> &GaussianConditional {
-        &self.gaussian_conditional
+        &self.core.gaussian_conditional
     }
 }

@@ -1,0 +1,122 @@
+//! The encoder side shared by every hyperprior backbone: `g_a`, `h_a`, `h_s` and the two
+//! entropy models of Ballé et al. 2018, under CompressAI's names.
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::GaussianParams;
+use crate::entropy::{EntropyBottleneck, GaussianConditional};
+use crate::layers::{Conv2d, ConvTranspose2d, Gdn};
+use crate::{Error, Result};
+
+/// `g_a` (4 strided 5x5 convolutions with GDN), `h_a` (3x3, then two strided 5x5, ReLU),
+/// `h_s` (two 5x5 transposed convolutions and a 3x3, ReLU) and the entropy models.
+/// Weights: `g_a.{0..6}`, `h_a.{0,2,4}`, `h_s.{0,2,4}`, `entropy_bottleneck.*`,
+/// `gaussian_conditional.*`.
+#[derive(Debug, Clone)]
+pub(crate) struct HyperpriorCore {
+    g_a: (Vec<Conv2d>, Vec<Gdn>),
+    h_a: Vec<Conv2d>,
+    h_s: (Vec<ConvTranspose2d>, Conv2d),
+    pub(crate) entropy_bottleneck: EntropyBottleneck,
+    pub(crate) gaussian_conditional: GaussianConditional,
+    pub(crate) device: Device,
+}
+
+impl HyperpriorCore {
+    /// Loads (or creates) the transforms for `n` hidden and `m` latent channels.
+    pub(crate) fn new(vb: &VarBuilder, n: usize, m: usize) -> Result<Self> {
+        if n == 0 || m == 0 {
+            return Err(Error::Model(format!(
+                "invalid hyperprior size N={n}, M={m}"
+            )));
+        }
+        let g_a_convs = [(3, n), (n, n), (n, n), (n, m)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(i_c, o_c))| Conv2d::new(vb.pp(format!("g_a.{}", 2 * i)), i_c, o_c, 5, 2))
+            .collect::<Result<Vec<_>>>()?;
+        let g_a_gdns = (0..3)
+            .map(|i| Gdn::new(vb.pp(format!("g_a.{}", 2 * i + 1)), n, false))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            g_a: (g_a_convs, g_a_gdns),
+            h_a: vec![
+                Conv2d::new(vb.pp("h_a.0"), m, n, 3, 1)?,
+                Conv2d::new(vb.pp("h_a.2"), n, n, 5, 2)?,
+                Conv2d::new(vb.pp("h_a.4"), n, n, 5, 2)?,
+            ],
+            h_s: (
+                vec![
+                    ConvTranspose2d::new(vb.pp("h_s.0"), n, n, 5, 2)?,
+                    ConvTranspose2d::new(vb.pp("h_s.2"), n, n, 5, 2)?,
+                ],
+                Conv2d::new(vb.pp("h_s.4"), n, m, 3, 1)?,
+            ),
+            entropy_bottleneck: EntropyBottleneck::new(vb.pp("entropy_bottleneck"), n)?,
+            gaussian_conditional: GaussianConditional::new(vb.pp("gaussian_conditional"))?,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// `g_a`, calling `visit` with the output of each of its 7 layers (the last is `y`).
+    pub(crate) fn analysis_with(
+        &self,
+        x: &Tensor,
+        visit: &mut dyn FnMut(&Tensor),
+    ) -> Result<Tensor> {
+        let (convs, gdns) = &self.g_a;
+        let mut h = x.clone();
+        for (i, conv) in convs.iter().enumerate() {
+            h = conv.forward(&h)?;
+            visit(&h);
+            if let Some(gdn) = gdns.get(i) {
+                h = gdn.forward(&h)?;
+                visit(&h);
+            }
+        }
+        Ok(h)
+    }
+
+    /// `h_a(|y|)`, calling `visit` with the output of each of its 5 layers (the last is `z`).
+    pub(crate) fn hyper_analysis_with(
+        &self,
+        y: &Tensor,
+        visit: &mut dyn FnMut(&Tensor),
+    ) -> Result<Tensor> {
+        let mut h = y.abs()?;
+        for (i, conv) in self.h_a.iter().enumerate() {
+            h = conv.forward(&h)?;
+            visit(&h);
+            if i + 1 < self.h_a.len() {
+                h = h.relu()?;
+                visit(&h);
+            }
+        }
+        Ok(h)
+    }
+
+    /// `h_s`, calling `visit` with the output of each of its 6 layers (the last is the scales).
+    pub(crate) fn hyper_synthesis_with(
+        &self,
+        z_hat: &Tensor,
+        visit: &mut dyn FnMut(&Tensor),
+    ) -> Result<GaussianParams> {
+        let (deconvs, last) = &self.h_s;
+        let mut h = z_hat.clone();
+        for d in deconvs {
+            h = d.forward(&h)?;
+            visit(&h);
+            h = h.relu()?;
+            visit(&h);
+        }
+        h = last.forward(&h)?;
+        visit(&h);
+        let scales = h.relu()?;
+        visit(&scales);
+        Ok(GaussianParams {
+            scales,
+            means: None,
+        })
+    }
+}
