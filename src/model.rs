@@ -84,12 +84,7 @@ impl Architecture {
 
     /// Infers the architecture and its size from the tensor names and shapes of a state dict.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let dim = |name: &str, i: usize| -> Result<usize> {
-            tensors
-                .get(name)
-                .and_then(|t| t.dims().get(i).copied())
-                .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
-        };
+        let dim = |name: &str, i: usize| crate::tensor_util::state_dim(tensors, name, i);
         if PsicHy2018Config::matches(tensors) {
             return Ok(Architecture::PsicHy2018(PsicHy2018Config::infer(tensors)?));
         }

@@ -25,3 +25,15 @@ pub(crate) fn int_buffer(t: &Tensor) -> Result<Vec<i32>> {
         })
         .collect()
 }
+
+/// Dimension `i` of tensor `name` in a state dict, or an error naming the missing tensor.
+pub(crate) fn state_dim(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    name: &str,
+    i: usize,
+) -> Result<usize> {
+    tensors
+        .get(name)
+        .and_then(|t| t.dims().get(i).copied())
+        .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
+}

@@ -13,7 +13,7 @@ use super::{GaussianParams, LicBackbone, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, Gdn, SubpelConv2d};
 use crate::shield::{Cltg, CltgConfig, CltgNames};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Architecture name written into model files.
 pub const PSIC_HY2018: &str = "psic-hy2018";
@@ -38,12 +38,7 @@ impl PsicHy2018Config {
 
     /// Reads `n` and `m` from the shapes of an official state dict.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let dim = |name: &str, i: usize| -> Result<usize> {
-            tensors
-                .get(name)
-                .and_then(|t| t.dims().get(i).copied())
-                .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
-        };
+        let dim = |name: &str, i: usize| crate::tensor_util::state_dim(tensors, name, i);
         Ok(Self {
             n: dim("g_a.0.weight", 0)?,
             m: dim("g_a.6.weight", 0)?,

@@ -5,6 +5,25 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::Result;
 
+/// Loads (or creates with PyTorch's default init, uniform in ±1/sqrt(fan_in)) a kernel of
+/// `shape` and a bias of `out_channels` entries.
+fn weight_and_bias(
+    vb: &VarBuilder,
+    shape: (usize, usize, usize, usize),
+    fan_in: usize,
+    out_channels: usize,
+) -> Result<(Tensor, Tensor)> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    Ok((
+        vb.get_with_hints(shape, "weight", init)?,
+        vb.get_with_hints(out_channels, "bias", init)?,
+    ))
+}
+
 /// A 2-D convolution with "same"-style padding `kernel / 2` (PyTorch `nn.Conv2d` semantics).
 ///
 /// Weights: `weight` `[out, in, k, k]`, `bias` `[out]`.
@@ -26,23 +45,11 @@ impl Conv2d {
         kernel: usize,
         stride: usize,
     ) -> Result<Self> {
-        let fan_in = (in_channels * kernel * kernel) as f64;
-        let bound = 1.0 / fan_in.sqrt();
-        let weight = vb.get_with_hints(
+        let (weight, bias) = weight_and_bias(
+            &vb,
             (out_channels, in_channels, kernel, kernel),
-            "weight",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let bias = vb.get_with_hints(
+            in_channels * kernel * kernel,
             out_channels,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
         )?;
         Ok(Self {
             weight,
@@ -96,23 +103,11 @@ impl ConvTranspose2d {
         kernel: usize,
         stride: usize,
     ) -> Result<Self> {
-        let fan_in = (out_channels * kernel * kernel) as f64;
-        let bound = 1.0 / fan_in.sqrt();
-        let weight = vb.get_with_hints(
+        let (weight, bias) = weight_and_bias(
+            &vb,
             (in_channels, out_channels, kernel, kernel),
-            "weight",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let bias = vb.get_with_hints(
+            out_channels * kernel * kernel,
             out_channels,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
         )?;
         let mut layer = Self {
             weight,
