@@ -146,6 +146,8 @@ fn check_references(model: &EfficientNetLite, refs: &[Reference], x: &Tensor, to
     assert_eq!(input.dims(), &[8, 3, 224, 224]);
     let logits = model.logits(&input).unwrap();
     assert_eq!(logits.dims(), &[8, 1000]);
+    assert_eq!(model.embed_images(&input).unwrap().dims(), &[8, 1280]);
+    assert_eq!(model.class_embeddings().unwrap().dims(), &[1000, 1280]);
     let top5 = psic::targets::top_k(&logits, 5).unwrap();
     let rows = logits.to_vec2::<f32>().unwrap();
     let mut worst = 0f32;

@@ -1,4 +1,5 @@
-//! EfficientNet-Lite ImageNet classifiers (Lite0 … Lite4) as a [`SemanticTarget`].
+//! EfficientNet-Lite ImageNet classifiers as a [`SemanticTarget`] (tested on Lite0; Lite1–4
+//! share the layout and load the same way, with their own `resolution` metadata).
 //!
 //! Weight names are those of the PyTorch `efficientnet_lite*` state dicts (`_conv_stem`, `_bn0`,
 //! `_blocks.i._expand_conv` / `_bn0` / `_depthwise_conv` / `_bn1` / `_project_conv` / `_bn2`,
@@ -122,9 +123,8 @@ fn bad_shape(name: &str, shape: &[usize], want: &str) -> Error {
 impl EfficientNetLiteConfig {
     /// EfficientNet-Lite0 (224x224, 16 blocks, 1280-d embeddings, 1000 classes).
     pub fn lite0() -> Self {
-        // (in, expand, out, kernel), stages of widths 16, 24, 40, 80, 112, 192, 320.
+        // Per stage: (repeats, in, out, kernel, expand ratio).
         let spec: [(usize, usize, usize, usize, usize); 7] = [
-            // (repeats, in, out, kernel, expand ratio)
             (1, 32, 16, 3, 1),
             (2, 16, 24, 3, 6),
             (2, 24, 40, 5, 6),

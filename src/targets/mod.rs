@@ -49,7 +49,8 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
     /// embeddings are scored against.
     fn embed_images(&self, input: &Tensor) -> Result<Tensor>;
 
-    /// One embedding per class ("caption"), `[K, D]`.
+    /// One embedding per class ("caption"), `[K, D]`, as the model holds them (not
+    /// normalised: cosine-based losses normalise both sides themselves).
     fn class_embeddings(&self) -> Result<Tensor>;
 
     /// Scale the model applies to its similarity scores: CLIP's learned temperature, or `1.0` for
