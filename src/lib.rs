@@ -25,6 +25,7 @@ pub mod init;
 pub mod layers;
 pub mod model;
 pub mod shield;
+pub mod targets;
 mod tensor_util;
 
 pub use backbone::LicBackbone;
