@@ -9,6 +9,7 @@
 //! Errors are one line on stderr and a non-zero exit code.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -27,7 +28,9 @@ commands:
   decode  -m MODEL -i IN.psic -o OUT.png [--full | --condition BETA]
           decompress a stream: the shielded decode by default (for shielded models),
           the full one with --full, or any condition with --condition
-  info    -i IN.psic                          print a stream's header";
+  info    -i IN.psic                          print a stream's header
+  classify --target efficientnet-lite --weights W --data DIR --out PRED.json
+          top-5 predictions of a semantic target for every PNG/JPEG in DIR";
 
 /// Parsed `--flag value` pairs and value-less switches; `-x` and `--long` names both accepted.
 struct Args {
@@ -204,6 +207,62 @@ fn info(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn classify(args: &[String]) -> Result<()> {
+    let a = Args::parse(
+        args,
+        &[
+            ("-t", "--target"),
+            ("-w", "--weights"),
+            ("-d", "--data"),
+            ("-o", "--out"),
+        ],
+    )?;
+    let target = match a.get("--target")? {
+        "efficientnet-lite" => {
+            psic::targets::EfficientNetLite::load(a.get("--weights")?, &Device::Cpu)?
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown target {other:?} (known: efficientnet-lite)"
+            )))
+        }
+    };
+    let t = Instant::now();
+    let predictions =
+        psic::targets::classify_folder(&target, Path::new(a.get("--data")?), 5, |done, total| {
+            progress("classify", done, total, t)
+        })?;
+    eprintln!();
+    let json = serde_json::json!({ "predictions": predictions });
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| Error::InvalidArgument(format!("cannot serialise predictions: {e}")))?;
+    write_atomic(a.get("--out")?, text.as_bytes())?;
+    println!(
+        "{} images classified in {:.1} s -> {}",
+        predictions.len(),
+        t.elapsed().as_secs_f64(),
+        a.get("--out")?
+    );
+    Ok(())
+}
+
+/// A one-line progress bar on stderr: `label [#####     ] done/total, elapsed, ETA`.
+fn progress(label: &str, done: usize, total: usize, start: Instant) {
+    let width = 30;
+    let filled = (done * width).checked_div(total).unwrap_or(width);
+    let elapsed = start.elapsed().as_secs_f64();
+    let eta = if done > 0 {
+        elapsed / done as f64 * (total - done) as f64
+    } else {
+        0.0
+    };
+    eprint!(
+        "\r{label} [{}{}] {done}/{total}, {elapsed:.0} s elapsed, ~{eta:.0} s left",
+        "#".repeat(filled),
+        " ".repeat(width - filled)
+    );
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -211,6 +270,7 @@ fn main() -> ExitCode {
         Some("encode") => encode(&args[1..]),
         Some("decode") => decode(&args[1..]),
         Some("info") => info(&args[1..]),
+        Some("classify") => classify(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
