@@ -255,8 +255,10 @@ impl EntropyBottleneck {
         self.dequantize(&symbols, (strings.len(), c, h, w))
     }
 
-    /// (Re)builds the coding tables from the learned density, as CompressAI's `update()`.
+    /// (Re)builds the coding tables from the learned density, as CompressAI's `update()`, and
+    /// refreshes the medians: call it after training steps, before coding.
     pub fn update(&mut self) -> Result<()> {
+        self.medians = tensor_to_f32(&self.quantiles.narrow(2, 1, 1)?)?;
         let q = tensor_to_f32(&self.quantiles)?;
         let c = self.channels;
         let mut pmf_start = Vec::with_capacity(c);

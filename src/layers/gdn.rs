@@ -21,8 +21,12 @@ const GAMMA_INIT: f64 = 0.1;
 /// candle's generic convolution for 1x1 kernels).
 #[derive(Debug, Clone)]
 pub struct Gdn {
-    beta: Tensor,
-    gamma: Tensor,
+    /// Stored (reparametrised) parameters; trainable variables when built from a `VarMap`.
+    beta_p: Tensor,
+    gamma_p: Tensor,
+    /// Effective `(beta, gamma)`, cached for frozen weights; recomputed each forward when
+    /// training, so optimiser updates of the stored parameters take effect.
+    cached: Option<(Tensor, Tensor)>,
     inverse: bool,
 }
 
@@ -35,8 +39,6 @@ impl Gdn {
     /// Loads (or creates, initialised as CompressAI does) a GDN layer over `channels` channels.
     pub fn new(vb: VarBuilder, channels: usize, inverse: bool) -> Result<Self> {
         let pedestal = REPARAM_OFFSET * REPARAM_OFFSET;
-        let beta_bound = (BETA_MIN + pedestal).sqrt();
-        let gamma_bound = REPARAM_OFFSET;
         let beta_p = vb.get_with_hints(channels, "beta", Init::Const((1.0 + pedestal).sqrt()))?;
         let gamma_p = if vb.contains_tensor("gamma") {
             vb.get((channels, channels), "gamma")?
@@ -51,11 +53,26 @@ impl Gdn {
             set_var_value(&vb, "gamma", &init)?;
             vb.get((channels, channels), "gamma")?
         };
-        Ok(Self {
-            beta: reparametrise(&beta_p, beta_bound, pedestal)?,
-            gamma: reparametrise(&gamma_p, gamma_bound, pedestal)?,
+        let mut gdn = Self {
+            beta_p,
+            gamma_p,
+            cached: None,
             inverse,
-        })
+        };
+        if !gdn.beta_p.is_variable() && !gdn.gamma_p.is_variable() {
+            gdn.cached = Some(gdn.effective()?);
+        }
+        Ok(gdn)
+    }
+
+    /// The effective `(beta, gamma)` from the stored parameters.
+    fn effective(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let pedestal = REPARAM_OFFSET * REPARAM_OFFSET;
+        let beta_bound = (BETA_MIN + pedestal).sqrt();
+        Ok((
+            reparametrise(&self.beta_p, beta_bound, pedestal)?,
+            reparametrise(&self.gamma_p, REPARAM_OFFSET, pedestal)?,
+        ))
     }
 }
 
@@ -71,12 +88,15 @@ fn set_var_value(vb: &VarBuilder, name: &str, value: &Tensor) -> Result<()> {
 
 impl Module for Gdn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (beta, gamma) = match &self.cached {
+            Some(c) => c.clone(),
+            None => self.effective()?,
+        };
         let (b, c, h, w) = x.dims4()?;
         let x2 = x.sqr()?.reshape((b, c, h * w))?;
-        let norm = self
-            .gamma
+        let norm = gamma
             .broadcast_matmul(&x2)?
-            .broadcast_add(&self.beta.reshape((c, 1))?)?
+            .broadcast_add(&beta.reshape((c, 1))?)?
             .sqrt()?
             .reshape((b, c, h, w))?;
         if self.inverse {
@@ -84,5 +104,30 @@ impl Module for Gdn {
         } else {
             x / norm
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn trainable_gdn_follows_parameter_updates() {
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, 3, DType::F32, &dev);
+        let gdn = Gdn::new(vb, 4, false).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &dev).unwrap();
+        let before = gdn.forward(&x).unwrap();
+        // The gradient reaches the stored parameters...
+        let grads = before.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&gdn.beta_p).is_some() && grads.get(&gdn.gamma_p).is_some());
+        // ...and an update of them changes the output.
+        let beta = candle_core::Var::from_tensor(&gdn.beta_p).unwrap();
+        beta.set(&(beta.as_tensor() * 2.0).unwrap()).unwrap();
+        let after = gdn.forward(&x).unwrap();
+        let diff = (after - before).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
     }
 }
