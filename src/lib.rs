@@ -27,6 +27,7 @@ pub mod model;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
+pub mod train;
 
 pub use backbone::LicBackbone;
 pub use codec::Codec;
