@@ -25,7 +25,13 @@ pub struct Codec {
     shield: Option<Shield>,
     fingerprint: Fingerprint,
     coder: Box<dyn EntropyCoder + Send + Sync>,
+    max_pixels: u64,
 }
+
+/// Default limit on the pixels of an image to encode or a stream to decode (16.8 MP, e.g.
+/// 4096x4096): a hostile header cannot make the decoder allocate gigabytes. Raise it with
+/// [`Codec::with_max_pixels`] for larger images.
+pub const DEFAULT_MAX_PIXELS: u64 = 1 << 24;
 
 /// A trigger generator and the conditions its model was trained for.
 #[derive(Debug)]
@@ -108,6 +114,7 @@ impl Codec {
             shield: None,
             fingerprint,
             coder: Box::new(RansCoder),
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
@@ -115,6 +122,22 @@ impl Codec {
     pub fn with_coder(mut self, coder: Box<dyn EntropyCoder + Send + Sync>) -> Self {
         self.coder = coder;
         self
+    }
+
+    /// Sets the largest image (in pixels, padding included) this codec encodes or decodes.
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
+    }
+
+    fn check_pixels(&self, w: u64, h: u64) -> Result<()> {
+        if w * h > self.max_pixels {
+            return Err(Error::Image(format!(
+                "{w}x{h} is over this codec's limit of {} pixels (see Codec::with_max_pixels)",
+                self.max_pixels
+            )));
+        }
+        Ok(())
     }
 
     /// The backbone.
@@ -135,6 +158,7 @@ impl Codec {
                 "image size {w}x{h} outside 1..={MAX_SIDE} pixels per side"
             )));
         }
+        self.check_pixels(w as u64, h as u64)?;
         let b = self.backbone.as_ref();
         let x = image_to_tensor(img, b.device())?;
         let (x, pad_w, pad_h) = pad_to_multiple(&x, b.alignment())?;
@@ -179,6 +203,7 @@ impl Codec {
         let b = self.backbone.as_ref();
         let (align, stride) = (b.alignment() as u32, b.latent_stride() as u32);
         let (pw, ph) = (s.width + s.pad_right as u32, s.height + s.pad_bottom as u32);
+        self.check_pixels(pw as u64, ph as u64)?;
         let ok_pad = (s.pad_right as u32) < align
             && (s.pad_bottom as u32) < align
             && pw % align == 0

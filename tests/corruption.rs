@@ -140,3 +140,26 @@ fn odd_image_sizes_round_trip() {
     }
     assert!(codec.encode(&image::RgbImage::new(0, 5)).is_err());
 }
+
+#[test]
+fn oversized_headers_are_refused_before_any_allocation() {
+    let codec = tiny_codec(1);
+    let mut b = codec.encode(&test_image(64, 64)).unwrap();
+    // 32768 x 32768 with consistent latent shapes: over the default pixel limit.
+    let side = 32768u32;
+    b[24..28].copy_from_slice(&side.to_le_bytes());
+    b[28..32].copy_from_slice(&side.to_le_bytes());
+    for (off, v) in [
+        (40, side / 16),
+        (44, side / 16),
+        (52, side / 64),
+        (56, side / 64),
+    ] {
+        b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    fix_crc(&mut b);
+    let err = codec.decode(&b).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let small = tiny_codec(1).with_max_pixels(32 * 32);
+    assert!(small.encode(&test_image(64, 64)).is_err());
+}
