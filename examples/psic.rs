@@ -29,6 +29,9 @@ commands:
           decompress a stream: the shielded decode by default (for shielded models),
           the full one with --full, or any condition with --condition
   info    -i IN.psic                          print a stream's header
+  bench   [-m MODEL] [-i IMAGE] [--runs N]
+          time encode, decode and the rANS coder; prints median, min and max
+          (defaults: the CompressAI fixture model and image in ../shared, 5 runs)
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
 
@@ -246,6 +249,108 @@ fn classify(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Median, minimum and maximum of `runs` timings of `f` (after one warm-up), in seconds.
+fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+    f()?;
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok((t[t.len() / 2], t[0], t[t.len() - 1]))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    use psic::entropy::{EntropyCoder, RansCoder};
+    let a = Args::parse(
+        args,
+        &[("-m", "--model"), ("-i", "--input"), ("-r", "--runs")],
+    )?;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/compressai");
+    let runs: usize = a
+        .opt("--runs")
+        .unwrap_or("5")
+        .parse()
+        .map_err(|_| Error::InvalidArgument("--runs needs a positive integer".into()))?;
+    let runs = runs.max(1);
+    let codec = match a.opt("--model") {
+        Some(m) => Codec::load(m)?,
+        None => {
+            let model = ModelFile::import(
+                fixture.join("hyperprior_128_192.safetensors"),
+                None,
+                &Device::Cpu,
+            )?;
+            Codec::from_model_file(&model, &Device::Cpu)?
+        }
+    };
+    let image_path = a
+        .opt("--input")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| fixture.join("test768x512.png"));
+    let img = load_image(&image_path)?;
+    let bytes = codec.encode(&img)?;
+    println!(
+        "| {}x{} {} {} | median | min | max |",
+        img.width(),
+        img.height(),
+        codec.backbone().architecture(),
+        codec.backbone().config_json()
+    );
+    println!("| --- | --- | --- | --- |");
+    let row = |name: &str, (m, lo, hi): (f64, f64, f64), unit: &str, scale: f64| {
+        println!(
+            "| {name} | {:.3} {unit} | {:.3} | {:.3} |",
+            m * scale,
+            lo * scale,
+            hi * scale
+        )
+    };
+    row(
+        "encode",
+        time_runs(runs, || codec.encode(&img).map(|_| ()))?,
+        "s",
+        1.0,
+    );
+    row(
+        "decode",
+        time_runs(runs, || codec.decode(&bytes).map(|_| ()))?,
+        "s",
+        1.0,
+    );
+    // The coder alone on this image's y symbols and tables.
+    let latent = codec.decode_latent(&bytes)?;
+    let b = codec.backbone();
+    let [_, zh, zw] = latent.stream.z_shape.map(|v| v as usize);
+    let z_hat =
+        b.entropy_bottleneck()
+            .decompress(&[&latent.stream.strings[1]], (zh, zw), &RansCoder)?;
+    let gc = b.gaussian_conditional();
+    let indexes = gc.build_indexes(&b.hyper_synthesis(&z_hat)?.scales)?;
+    let symbols = gc.symbols(&latent.y_hat, None)?;
+    let y_string = latent.stream.strings[0].clone();
+    let n = symbols.len() as f64;
+    let per_sym = |(m, lo, hi): (f64, f64, f64)| (n / m / 1e6, n / hi / 1e6, n / lo / 1e6);
+    let enc = time_runs(runs * 20, || {
+        RansCoder
+            .encode_with_indexes(&symbols, &indexes, gc.tables())
+            .map(|_| ())
+    })?;
+    let dec = time_runs(runs * 20, || {
+        RansCoder
+            .decode_with_indexes(&y_string, &indexes, gc.tables())
+            .map(|_| ())
+    })?;
+    let (m, lo, hi) = per_sym(enc);
+    println!("| rANS encode ({n} y symbols) | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
+    let (m, lo, hi) = per_sym(dec);
+    println!("| rANS decode | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
+    println!("(min/max of the rates come from the max/min of the times)");
+    Ok(())
+}
+
 /// A one-line progress bar on stderr: `label [#####     ] done/total, elapsed, ETA`.
 fn progress(label: &str, done: usize, total: usize, start: Instant) {
     let width = 30;
@@ -271,6 +376,7 @@ fn main() -> ExitCode {
         Some("decode") => decode(&args[1..]),
         Some("info") => info(&args[1..]),
         Some("classify") => classify(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
