@@ -18,6 +18,7 @@
 pub mod backbone;
 pub mod bitstream;
 pub mod codec;
+pub mod data;
 pub mod entropy;
 pub mod error;
 pub mod image_io;
