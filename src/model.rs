@@ -196,20 +196,38 @@ impl ModelFile {
         let varmap = candle_nn::VarMap::new();
         let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
         architecture.build(vb)?;
+        Self::from_varmap(
+            architecture,
+            &varmap,
+            BTreeMap::from([(
+                "source".to_string(),
+                format!("psic initialisation, seed {seed} (untrained)"),
+            )]),
+            device,
+        )
+    }
+
+    /// A model file from the variables of a (trained) `VarMap`: copies every variable, builds
+    /// the coding tables from the learned densities, and records the conditions of shielded
+    /// models.
+    pub fn from_varmap(
+        architecture: Architecture,
+        varmap: &candle_nn::VarMap,
+        extra_metadata: BTreeMap<String, String>,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = varmap
             .data()
             .lock()
             .expect("VarMap lock")
             .iter()
+            .filter(|(k, _)| !INT_BUFFERS.iter().any(|b| k.ends_with(b)))
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
             .collect::<Result<HashMap<_, _>>>()?;
         let mut model = Self {
             architecture,
             tensors,
-            extra_metadata: BTreeMap::from([(
-                "source".to_string(),
-                format!("psic initialisation, seed {seed} (untrained)"),
-            )]),
+            extra_metadata,
         };
         model.complete_cdf_tables(device)?;
         model.extra_metadata.remove("entropy_bottleneck.tables");
