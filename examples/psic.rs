@@ -32,6 +32,9 @@ commands:
   bench   [-m MODEL] [-i IMAGE] [--runs N]
           time encode, decode and the rANS coder; prints median, min and max
           (defaults: the CompressAI fixture model and image in ../shared, 5 runs)
+  train   --config CONFIG.toml --out DIR [--resume CHECKPOINT]
+          stage-0 (rate-distortion) training; writes DIR/checkpoint.safetensors (resume),
+          DIR/log.jsonl and DIR/model.safetensors (a psic model file) as it goes
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
 
@@ -249,6 +252,60 @@ fn classify(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn train(args: &[String]) -> Result<()> {
+    use psic::train::{TrainConfig, Trainer};
+    use std::io::Write;
+    let a = Args::parse(
+        args,
+        &[("-c", "--config"), ("-o", "--out"), ("-r", "--resume")],
+    )?;
+    let out = Path::new(a.get("--out")?);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut trainer = match a.opt("--resume") {
+        Some(ckpt) => Trainer::resume(ckpt, &Device::Cpu)?,
+        None => {
+            let path = a.get("--config")?;
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let cfg: TrainConfig = toml::from_str(&text)
+                .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
+            Trainer::new(cfg, &Device::Cpu)?
+        }
+    };
+    let log_path = out.join("log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+    let total = trainer.cfg.steps;
+    let start_step = trainer.step_count();
+    let t = Instant::now();
+    while trainer.step_count() < total {
+        let s = trainer.step()?;
+        let line = serde_json::to_string(&serde_json::json!({
+            "step": s.step, "loss": s.loss, "bpp": s.bpp, "psnr": s.psnr, "aux": s.aux,
+            "grad_norm": s.grad_norm, "elapsed_s": t.elapsed().as_secs_f64(),
+        }))
+        .unwrap_or_default();
+        writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+        let done = (s.step - start_step) as usize;
+        progress("train", done, (total - start_step) as usize, t);
+        eprint!(" | loss {:.3} bpp {:.3} psnr {:.2}", s.loss, s.bpp, s.psnr);
+        if s.step % trainer.cfg.checkpoint_every == 0 || s.step == total {
+            trainer.save_checkpoint(out.join("checkpoint.safetensors"))?;
+            trainer.export()?.save(out.join("model.safetensors"))?;
+        }
+    }
+    eprintln!();
+    println!(
+        "{} steps in {:.0} s; checkpoint and model in {}",
+        trainer.step_count() - start_step,
+        t.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
 /// Median, minimum and maximum of `runs` timings of `f` (after one warm-up), in seconds.
 fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     f()?;
@@ -377,6 +434,7 @@ fn main() -> ExitCode {
         Some("info") => info(&args[1..]),
         Some("classify") => classify(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("train") => train(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
