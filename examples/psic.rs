@@ -272,6 +272,21 @@ fn train(args: &[String]) -> Result<()> {
         }
     };
     let log_path = out.join("log.jsonl");
+    // On resume, drop log lines of steps after the checkpoint (they will be redone).
+    if let Ok(text) = std::fs::read_to_string(&log_path) {
+        let done = trainer.step_count();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= done)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&log_path, kept.as_bytes())?;
+    }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -194,14 +194,16 @@ impl Adam {
         let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
         for (i, g) in gs.into_iter().enumerate() {
             let Some(g) = g else { continue };
-            let g = (g * scale)?;
-            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Detached: the moments must not keep each step's autograd graph alive (that grows
+            // memory without bound over a run).
+            let g = (g.detach() * scale)?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let m_hat = (&self.m[i] / bc1)?;
             let v_hat = (&self.v[i] / bc2)?;
             let update = ((m_hat / (v_hat.sqrt()? + self.eps)?)? * self.lr)?;
             let var = &self.vars[i].1;
-            var.set(&(var.as_tensor() - update)?)?;
+            var.set(&(var.as_tensor().detach() - update)?)?;
         }
         Ok(norm)
     }
