@@ -177,3 +177,68 @@ fn encode_decode_info_and_errors() {
     assert!(!Path::new(&p("x.png")).exists() && !Path::new(&p("x.psic")).exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn train_writes_checkpoint_log_and_model_and_resumes() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-train-{}", std::process::id()));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..5u32 {
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, (i * 50) as u8])
+        })
+        .save(data.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let config = format!(
+        "architecture = \"bmshj2018-hyperprior\"\nn = 8\nm = 12\ndata = {:?}\ncrop = 64\nbatch = 2\n\
+         steps = 4\nlr = 1e-3\nlambda = 0.01\ncheckpoint_every = 2\n",
+        data.to_string_lossy()
+    );
+    std::fs::write(dir.join("c.toml"), config).unwrap();
+    let out = dir.join("run").to_string_lossy().into_owned();
+    let o = run(
+        &bin,
+        &[
+            "train",
+            "--config",
+            &dir.join("c.toml").to_string_lossy(),
+            "--out",
+            &out,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(dir.join("run/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+    let model = dir.join("run/model.safetensors");
+    assert!(psic::Codec::load(&model).is_ok());
+    // Resuming a finished run does nothing more and keeps the log.
+    let ckpt = dir
+        .join("run/checkpoint.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let o = run(&bin, &["train", "--resume", &ckpt, "--out", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("run/log.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
+    // A bad config is a one-line error.
+    std::fs::write(dir.join("bad.toml"), "architecture = 3").unwrap();
+    let o = run(
+        &bin,
+        &[
+            "train",
+            "--config",
+            &dir.join("bad.toml").to_string_lossy(),
+            "--out",
+            &out,
+        ],
+    );
+    assert!(!o.status.success() && stderr(&o).starts_with("error: "));
+    std::fs::remove_dir_all(&dir).ok();
+}
