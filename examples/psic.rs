@@ -35,6 +35,7 @@ commands:
   train   --config CONFIG.toml --out DIR [--resume CHECKPOINT]
           stage-0 (rate-distortion) training; writes DIR/checkpoint.safetensors (resume),
           DIR/log.jsonl and DIR/model.safetensors (a psic model file) as it goes
+  psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
 
@@ -321,6 +322,13 @@ fn train(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn psnr(args: &[String]) -> Result<()> {
+    let a = Args::parse(args, &[("-a", "--a"), ("-b", "--b")])?;
+    let (x, y) = (load_image(a.get("--a")?)?, load_image(a.get("--b")?)?);
+    println!("{:.3} dB", psic::metrics::psnr(&x, &y)?);
+    Ok(())
+}
+
 /// Median, minimum and maximum of `runs` timings of `f` (after one warm-up), in seconds.
 fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     f()?;
@@ -450,6 +458,7 @@ fn main() -> ExitCode {
         Some("classify") => classify(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("psnr") => psnr(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

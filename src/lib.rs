@@ -24,6 +24,7 @@ pub mod error;
 pub mod image_io;
 pub mod init;
 pub mod layers;
+pub mod metrics;
 pub mod model;
 pub mod shield;
 pub mod targets;
