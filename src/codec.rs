@@ -292,10 +292,9 @@ impl Codec {
     /// The default decode: shielded for a shielded model, the plain reconstruction otherwise.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
         match &self.shield {
-            Some(s) => self.decode_with_condition(bytes, &s.conditions.shielded),
-            None => {
-                tensor_to_image(&self.synthesize(&self.decode_latent(bytes)?, &Condition::FULL)?)
-            }
+            Some(_) => self.decode_shielded(bytes),
+            // A plain model ignores the condition.
+            None => self.decode_with_condition(bytes, &Condition::FULL),
         }
     }
 }

@@ -251,25 +251,25 @@ impl ModelFile {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             ));
         }
-        let is_safetensors = std::fs::read(path)
-            .map_err(|e| Error::io(path, e))
-            .map(|b| safetensors::SafeTensors::read_metadata(&b).is_ok())?;
-        let mut tensors: HashMap<String, Tensor> = if is_safetensors {
-            candle_core::safetensors::load(path, device)?
-        } else {
-            let pairs = candle_core::pickle::read_all_with_key(path, Some("state_dict"))
-                .or_else(|_| candle_core::pickle::read_all(path))
-                .map_err(|e| {
-                    Error::Model(format!(
-                        "{}: neither safetensors nor a readable PyTorch checkpoint: {e}",
-                        path.display()
-                    ))
-                })?;
-            pairs
-                .into_iter()
-                .map(|(k, v)| Ok((k, v.to_device(device)?)))
-                .collect::<Result<_>>()?
-        };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut tensors: HashMap<String, Tensor> =
+            if safetensors::SafeTensors::read_metadata(&bytes).is_ok() {
+                // Parse the bytes already read rather than reading the file a second time.
+                candle_core::safetensors::load_buffer(&bytes, device)?
+            } else {
+                let pairs = candle_core::pickle::read_all_with_key(path, Some("state_dict"))
+                    .or_else(|_| candle_core::pickle::read_all(path))
+                    .map_err(|e| {
+                        Error::Model(format!(
+                            "{}: neither safetensors nor a readable PyTorch checkpoint: {e}",
+                            path.display()
+                        ))
+                    })?;
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, v.to_device(device)?)))
+                    .collect::<Result<_>>()?
+            };
         // DataParallel checkpoints prefix every key with "module.".
         if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("module.")) {
             tensors = tensors
