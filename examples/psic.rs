@@ -32,9 +32,12 @@ commands:
   bench   [-m MODEL] [-i IMAGE] [--runs N]
           time encode, decode and the rANS coder; prints median, min and max
           (defaults: the CompressAI fixture model and image in ../shared, 5 runs)
-  train   --config CONFIG.toml --out DIR [--resume CHECKPOINT]
-          stage-0 (rate-distortion) training; writes DIR/checkpoint.safetensors (resume),
-          DIR/log.jsonl and DIR/model.safetensors (a psic model file) as it goes
+  train   --config CONFIG.toml --out DIR [--resume CHECKPOINT] [--device cpu|cuda]
+          [--steps N] [--max-minutes M]
+          training, stage 0, 1 or 2 as the config says (docs/TRAINING.md); writes
+          DIR/checkpoint.safetensors (resume), DIR/log.jsonl, DIR/model.safetensors (a psic
+          model file) and DIR/val-grid.png as it goes; --steps changes the total, and
+          --max-minutes stops early (saving first)
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
@@ -253,23 +256,79 @@ fn classify(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cpu` or `cuda` (the latter needs a build with `--features cuda`).
+fn device_named(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot use CUDA ({e}); build with `--features cuda` on a machine with an NVIDIA driver"
+            ))
+        }),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown device {other:?} (cpu, cuda)"
+        ))),
+    }
+}
+
 fn train(args: &[String]) -> Result<()> {
     use psic::train::{TrainConfig, Trainer};
     use std::io::Write;
     let a = Args::parse(
         args,
-        &[("-c", "--config"), ("-o", "--out"), ("-r", "--resume")],
+        &[
+            ("-c", "--config"),
+            ("-o", "--out"),
+            ("-r", "--resume"),
+            ("-d", "--device"),
+            ("-s", "--steps"),
+            ("-t", "--max-minutes"),
+        ],
     )?;
     let out = Path::new(a.get("--out")?);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let steps: Option<u64> = a
+        .opt("--steps")
+        .map(|v| parse_num(v, "--steps"))
+        .transpose()?;
+    let max_minutes: Option<f64> = a
+        .opt("--max-minutes")
+        .map(|v| parse_num(v, "--max-minutes"))
+        .transpose()?;
+    let device_override = a.opt("--device").map(str::to_string);
     let mut trainer = match a.opt("--resume") {
-        Some(ckpt) => Trainer::resume(ckpt, &Device::Cpu)?,
+        Some(ckpt) => {
+            // The device must be known before loading; the config's own device is used when
+            // --device is not given.
+            let probe = psic::train::TrainConfig::device_in_checkpoint(ckpt)?;
+            let dev = device_named(
+                device_override
+                    .as_deref()
+                    .or(probe.as_deref())
+                    .unwrap_or("cpu"),
+            )?;
+            Trainer::resume(ckpt, &dev, |cfg| {
+                if let Some(s) = steps {
+                    cfg.steps = s;
+                }
+                if let Some(d) = &device_override {
+                    cfg.device = Some(d.clone());
+                }
+            })?
+        }
         None => {
             let path = a.get("--config")?;
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let cfg: TrainConfig = toml::from_str(&text)
+            let mut cfg: TrainConfig = toml::from_str(&text)
                 .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
-            Trainer::new(cfg, &Device::Cpu)?
+            if let Some(s) = steps {
+                cfg.steps = s;
+            }
+            if let Some(d) = &device_override {
+                cfg.device = Some(d.clone());
+            }
+            let dev = device_named(cfg.device.as_deref().unwrap_or("cpu"))?;
+            Trainer::new(cfg, &dev)?
         }
     };
     let log_path = out.join("log.jsonl");
@@ -296,30 +355,80 @@ fn train(args: &[String]) -> Result<()> {
     let total = trainer.cfg.steps;
     let start_step = trainer.step_count();
     let t = Instant::now();
-    while trainer.step_count() < total {
+    eprintln!(
+        "stage {} on {:?}: steps {}..{}",
+        trainer.cfg.stage,
+        trainer.device(),
+        start_step,
+        total
+    );
+    let out_of_time =
+        |t: &Instant| max_minutes.is_some_and(|m| t.elapsed().as_secs_f64() > 60.0 * m);
+    while trainer.step_count() < total && !out_of_time(&t) {
         let s = trainer.step()?;
-        let line = serde_json::to_string(&serde_json::json!({
-            "step": s.step, "loss": s.loss, "bpp": s.bpp, "psnr": s.psnr, "aux": s.aux,
-            "grad_norm": s.grad_norm, "elapsed_s": t.elapsed().as_secs_f64(),
-        }))
-        .unwrap_or_default();
-        writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+        let mut record = serde_json::to_value(&s).unwrap_or_default();
+        record["elapsed_s"] = serde_json::json!(t.elapsed().as_secs_f64());
+        writeln!(log, "{record}").map_err(|e| Error::io(&log_path, e))?;
         let done = (s.step - start_step) as usize;
         progress("train", done, (total - start_step) as usize, t);
         eprint!(" | loss {:.3} bpp {:.3} psnr {:.2}", s.loss, s.bpp, s.psnr);
+        if let (Some(p), Some(a)) = (s.psnr_shielded, s.shielded_top1) {
+            eprint!(" shielded {p:.2} dB, top-1 {:.0}%", 100.0 * a);
+        }
+        let every = trainer.cfg.validate_every;
+        if every > 0 && s.step % every == 0 {
+            validate(&trainer, out, &mut log, &log_path)?;
+        }
         if s.step % trainer.cfg.checkpoint_every == 0 || s.step == total {
             trainer.save_checkpoint(out.join("checkpoint.safetensors"))?;
             trainer.export()?.save(out.join("model.safetensors"))?;
         }
     }
     eprintln!();
+    // Stopped by the time limit: save where it stands.
+    if trainer.step_count() % trainer.cfg.checkpoint_every != 0 && trainer.step_count() != total {
+        trainer.save_checkpoint(out.join("checkpoint.safetensors"))?;
+        trainer.export()?.save(out.join("model.safetensors"))?;
+    }
+    if trainer.cfg.validate_every > 0 && trainer.step_count() % trainer.cfg.validate_every != 0 {
+        validate(&trainer, out, &mut log, &log_path)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let done = trainer.step_count() - start_step;
     println!(
-        "{} steps in {:.0} s; checkpoint and model in {}",
-        trainer.step_count() - start_step,
-        t.elapsed().as_secs_f64(),
+        "{done} steps in {secs:.0} s ({:.3} s/step); at step {} of {total}; checkpoint and model in {}",
+        secs / done.max(1) as f64,
+        trainer.step_count(),
         out.display()
     );
     Ok(())
+}
+
+/// Runs validation, appends it to the log and writes `val-grid.png`.
+fn validate(
+    trainer: &psic::train::Trainer,
+    out: &Path,
+    log: &mut std::fs::File,
+    log_path: &Path,
+) -> Result<()> {
+    use std::io::Write;
+    if let Some((v, grid)) = trainer.validate()? {
+        let record = serde_json::json!({ "step": v.step, "val": v });
+        writeln!(log, "{record}").map_err(|e| Error::io(log_path, e))?;
+        save_png(out.join("val-grid.png"), &grid)?;
+        eprintln!();
+        eprintln!(
+            "validation at step {}: {}",
+            v.step,
+            serde_json::to_string(&v).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn parse_num<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T> {
+    v.parse()
+        .map_err(|_| Error::InvalidArgument(format!("{flag} needs a number, got {v:?}")))
 }
 
 fn psnr(args: &[String]) -> Result<()> {

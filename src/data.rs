@@ -118,6 +118,7 @@ impl ImageFolder {
 #[derive(Debug)]
 pub struct CropSampler {
     images: Vec<RgbImage>,
+    labels: Vec<Option<usize>>,
     crop: u32,
     rng: SplitMix64,
 }
@@ -146,10 +147,25 @@ impl CropSampler {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            labels: vec![None; images.len()],
             images,
             crop,
             rng: SplitMix64::new(seed),
         })
+    }
+
+    /// Attaches a class label (or `None`) to each image, in the order of the files given to
+    /// [`new`](Self::new).
+    pub fn with_labels(mut self, labels: Vec<Option<usize>>) -> Result<Self> {
+        if labels.len() != self.images.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} labels for {} images",
+                labels.len(),
+                self.images.len()
+            )));
+        }
+        self.labels = labels;
+        Ok(self)
     }
 
     /// The generator's state, to checkpoint and resume sampling exactly.
@@ -164,10 +180,23 @@ impl CropSampler {
 
     /// The next batch `[batch, 3, crop, crop]` in `[0, 1]`.
     pub fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Tensor> {
+        Ok(self.next_labelled_batch(batch, device)?.0)
+    }
+
+    /// The next batch and the label of each of its crops (the same draws as
+    /// [`next_batch`](Self::next_batch)).
+    pub fn next_labelled_batch(
+        &mut self,
+        batch: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<Option<usize>>)> {
+        let mut labels = Vec::with_capacity(batch);
         let c = self.crop as usize;
         let mut data = vec![0f32; batch * 3 * c * c];
         for b in 0..batch {
-            let img = &self.images[(self.rng.next_u64() % self.images.len() as u64) as usize];
+            let pick = (self.rng.next_u64() % self.images.len() as u64) as usize;
+            labels.push(self.labels[pick]);
+            let img = &self.images[pick];
             let x0 = (self.rng.next_u64() % (img.width() - self.crop + 1) as u64) as u32;
             let y0 = (self.rng.next_u64() % (img.height() - self.crop + 1) as u64) as u32;
             let flip = self.rng.next_u64() & 1 == 1;
@@ -181,7 +210,7 @@ impl CropSampler {
                 }
             }
         }
-        Ok(Tensor::from_vec(data, (batch, 3, c, c), device)?)
+        Ok((Tensor::from_vec(data, (batch, 3, c, c), device)?, labels))
     }
 }
 

@@ -21,22 +21,27 @@ fn folder() -> std::path::PathBuf {
 }
 
 fn config(data: std::path::PathBuf) -> TrainConfig {
-    TrainConfig {
-        architecture: "bmshj2018-hyperprior".into(),
-        n: 8,
-        m: 12,
-        data,
-        eval_percent: 20,
-        crop: 64,
-        batch: 2,
-        steps: 10,
-        lr: 1e-3,
-        aux_lr: 1e-3,
-        lambda: 0.01,
-        clip: 1.0,
-        seed: 3,
-        checkpoint_every: 5,
-    }
+    toml::from_str(&format!(
+        r#"
+        architecture = "bmshj2018-hyperprior"
+        n = 8
+        m = 12
+        data = {data:?}
+        eval_percent = 20
+        crop = 64
+        batch = 2
+        steps = 10
+        lr = 1e-3
+        lr_milestones = [3]
+        lr_gamma = 0.5
+        aux_lr = 1e-3
+        lambda = 0.01
+        clip = 1.0
+        seed = 3
+        checkpoint_every = 5
+        "#
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -50,15 +55,29 @@ fn resumed_training_continues_bit_identically() {
     let ckpt = data.join("ckpt.safetensors");
     a.save_checkpoint(&ckpt).unwrap();
     let cont_a: Vec<_> = (0..3).map(|_| a.step().unwrap()).collect();
-    let mut b = Trainer::resume(&ckpt, &dev).unwrap();
+    let mut b = Trainer::resume(&ckpt, &dev, |_| {}).unwrap();
     assert_eq!(b.step_count(), 2);
     let cont_b: Vec<_> = (0..3).map(|_| b.step().unwrap()).collect();
     for (x, y) in cont_a.iter().zip(&cont_b) {
         assert_eq!(
-            (x.step, x.loss.to_bits(), x.bpp.to_bits(), x.aux.to_bits()),
-            (y.step, y.loss.to_bits(), y.bpp.to_bits(), y.aux.to_bits())
+            (
+                x.step,
+                x.loss.to_bits(),
+                x.bpp.to_bits(),
+                x.aux.to_bits(),
+                x.lr
+            ),
+            (
+                y.step,
+                y.loss.to_bits(),
+                y.bpp.to_bits(),
+                y.aux.to_bits(),
+                y.lr
+            )
         );
     }
+    // The schedule: lr 1e-3 up to step 3, halved after.
+    assert_eq!((cont_a[0].lr, cont_a[1].lr), (1e-3, 5e-4));
     // The export is a working codec.
     let model = b.export().unwrap();
     let codec = psic::Codec::from_model_file(&model, &dev).unwrap();

@@ -606,9 +606,9 @@ impl SemanticTarget for EfficientNetLite {
         1.0
     }
 
-    fn logits(&self, input: &Tensor) -> Result<Tensor> {
-        let e = self.embed_images(input)?;
-        Ok(e.matmul(&self.fc_weight.t()?)?
+    fn logits_from_embeddings(&self, embeddings: &Tensor) -> Result<Tensor> {
+        Ok(embeddings
+            .matmul(&self.fc_weight.t()?)?
             .broadcast_add(&self.fc_bias)?)
     }
 }

@@ -58,8 +58,15 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
     /// is applied inside [`logits`](Self::logits), not represented here).
     fn logit_scale(&self) -> f32;
 
+    /// Class scores `[B, K]` of image embeddings `[B, D]` (from
+    /// [`embed_images`](Self::embed_images)): lets a loss use both without running the model
+    /// twice.
+    fn logits_from_embeddings(&self, embeddings: &Tensor) -> Result<Tensor>;
+
     /// Class scores `[B, K]` of preprocessed input.
-    fn logits(&self, input: &Tensor) -> Result<Tensor>;
+    fn logits(&self, input: &Tensor) -> Result<Tensor> {
+        self.logits_from_embeddings(&self.embed_images(input)?)
+    }
 
     /// Indices of the `k` best classes per image, best first (ties: lower index first), for
     /// images `[B, 3, H, W]` in `[0, 1]` (preprocessing included).

@@ -1,0 +1,904 @@
+//! The trainer: stage 0 (rate-distortion pretraining), stage 1 (joint shielding) and stage 2
+//! (privacy emphasis, synthesis side only), with checkpoints that resume bit-identically.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use image::RgbImage;
+
+use super::adam::Adam;
+use super::uaeo::{cosine_matrix, uaeo_terms, UaeoConfig};
+use super::weighting::AdaptiveWeighting;
+use super::{rd_loss, uniform_noise, RdForward};
+use crate::backbone::LicBackbone;
+use crate::init::SplitMix64;
+use crate::model::{Architecture, ModelFile};
+use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, TriggerGenerator};
+use crate::targets::{EfficientNetLite, SemanticTarget};
+use crate::{Error, Result};
+
+/// Settings of a training run; read from TOML by the CLI's `train` (see `docs/TRAINING.md`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// 0: rate-distortion pretraining of a plain backbone; 1: joint training of the backbone and
+    /// the trigger generator (both decodes + UAEO); 2: privacy emphasis, synthesis side only.
+    #[serde(default)]
+    pub stage: u8,
+    /// Architecture name of a fresh stage-0 run (`bmshj2018-hyperprior`).
+    #[serde(default = "default_architecture")]
+    pub architecture: String,
+    /// Channels `n` of a fresh stage-0 run.
+    #[serde(default)]
+    pub n: usize,
+    /// Channels `m` of `y` of a fresh stage-0 run.
+    #[serde(default)]
+    pub m: usize,
+    /// Model file to start from (required for stages 1 and 2; a plain model gets a fresh,
+    /// seeded trigger generator).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// Image folder; its evaluation part (see [`crate::data`]) is never used for training.
+    pub data: PathBuf,
+    /// Percentage of the folder held out for evaluation.
+    #[serde(default = "default_eval_percent")]
+    pub eval_percent: u32,
+    /// Square crop size.
+    pub crop: u32,
+    /// Batch size.
+    pub batch: usize,
+    /// Total steps.
+    pub steps: u64,
+    /// Learning rate of the main parameters.
+    pub lr: f64,
+    /// Steps at which the learning rate is multiplied by `lr_gamma`.
+    #[serde(default)]
+    pub lr_milestones: Vec<u64>,
+    /// Factor applied at each milestone.
+    #[serde(default = "default_lr_gamma")]
+    pub lr_gamma: f64,
+    /// Learning rate of the entropy bottleneck's quantiles (auxiliary loss; stages 0 and 1).
+    #[serde(default = "default_aux_lr")]
+    pub aux_lr: f64,
+    /// Stage 0: rate-distortion trade-off λ in `bpp + λ·255²·MSE`.
+    #[serde(default)]
+    pub lambda: f64,
+    /// Global gradient-norm clip.
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    /// Seed of initialisation, sampling and noise.
+    #[serde(default)]
+    pub seed: u64,
+    /// Write the checkpoint every this many steps (and at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Validate every this many steps (0: never).
+    #[serde(default)]
+    pub validate_every: u64,
+    /// Images of the evaluation part used for validation (the first ones by name).
+    #[serde(default = "default_validate_images")]
+    pub validate_images: usize,
+    /// Device (`cpu` or `cuda`; the CLI's `--device` overrides it).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Shielding settings (stages 1 and 2).
+    #[serde(default)]
+    pub shield: Option<ShieldConfig>,
+}
+
+/// Shielding settings of stages 1 and 2.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldConfig {
+    /// Target model kind: `efficientnet-lite`.
+    pub target: String,
+    /// The target's weights.
+    pub weights: PathBuf,
+    /// `l0`: distortion weight of the full decode (`½·l0·255²·MSE_full`).
+    pub lambda_full: f64,
+    /// `l1`: distortion weight of the shielded decode.
+    pub lambda_shielded: f64,
+    /// `l_clip`: weight of the shielding loss.
+    pub lambda_shield: f64,
+    /// Stage 1 weight of the clean term (reference: 10).
+    #[serde(default = "default_clean_weight")]
+    pub clean_weight: f64,
+    /// Stage 1 weight of the noisy term (reference: 0.5).
+    #[serde(default = "default_noisy_weight")]
+    pub noisy_weight: f64,
+    /// Stage 2 smoothing of the adaptive weights (0: per batch, as the reference).
+    #[serde(default)]
+    pub adaptive_momentum: f64,
+    /// Evidence settings.
+    #[serde(default)]
+    pub uaeo: UaeoConfig,
+}
+
+fn default_architecture() -> String {
+    "bmshj2018-hyperprior".into()
+}
+fn default_eval_percent() -> u32 {
+    20
+}
+fn default_aux_lr() -> f64 {
+    1e-3
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_lr_gamma() -> f64 {
+    0.1
+}
+fn default_validate_images() -> usize {
+    8
+}
+fn default_clean_weight() -> f64 {
+    10.0
+}
+fn default_noisy_weight() -> f64 {
+    0.5
+}
+
+impl TrainConfig {
+    /// Learning rate at (1-based) step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let passed = self.lr_milestones.iter().filter(|&&m| step > m).count();
+        self.lr * self.lr_gamma.powi(passed as i32)
+    }
+
+    /// The `device` setting stored in a training checkpoint (read from its metadata only).
+    pub fn device_in_checkpoint(path: impl AsRef<Path>) -> Result<Option<String>> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        let info = meta.metadata().clone().unwrap_or_default();
+        let cfg: Option<TrainConfig> = info
+            .get("config")
+            .and_then(|c| serde_json::from_str(c).ok());
+        Ok(cfg.and_then(|c| c.device))
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.stage > 2 {
+            return bad(format!("stage must be 0, 1 or 2, got {}", self.stage));
+        }
+        if self.batch == 0 || self.crop == 0 || self.steps == 0 {
+            return bad("batch, crop and steps must be positive".into());
+        }
+        if self.crop % 64 != 0 {
+            return bad(format!("crop must be a multiple of 64, got {}", self.crop));
+        }
+        if self.stage > 0 && (self.shield.is_none() || self.init.is_none()) {
+            return bad(format!(
+                "stage {} needs `init` (a model file) and a [shield] section",
+                self.stage
+            ));
+        }
+        if self.stage == 0 && self.init.is_none() && (self.n == 0 || self.m == 0) {
+            return bad("a fresh stage-0 run needs n and m".into());
+        }
+        Ok(())
+    }
+}
+
+/// Figures of one training step (shielding fields only in stages 1 and 2).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StepStats {
+    /// Step number (1-based).
+    pub step: u64,
+    /// Total loss.
+    pub loss: f32,
+    /// Estimated bits per pixel.
+    pub bpp: f32,
+    /// PSNR of the (full) noisy-quantisation reconstruction, dB.
+    pub psnr: f32,
+    /// Auxiliary (quantile) loss.
+    pub aux: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// PSNR of the shielded reconstruction, dB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psnr_shielded: Option<f32>,
+    /// UAEO clean term.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean: Option<f32>,
+    /// UAEO noisy term.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noisy: Option<f32>,
+    /// Samples in the clean part of the split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean_count: Option<usize>,
+    /// Share of the batch the target classifies as its label (or its own original prediction)
+    /// on the shielded decodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shielded_top1: Option<f32>,
+    /// Stage-2 adaptive weights of the clean and noisy terms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<[f64; 2]>,
+}
+
+/// Validation figures on the fixed evaluation images (real rounding, no noise).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ValStats {
+    /// Step at which they were measured.
+    pub step: u64,
+    /// Images used.
+    pub images: usize,
+    /// Estimated bits per pixel (likelihoods of the rounded latents).
+    pub bpp: f32,
+    /// Mean PSNR of the full decodes, dB.
+    pub psnr_full: f32,
+    /// Mean PSNR of the shielded decodes, dB (shielded models only).
+    pub psnr_shielded: Option<f32>,
+    /// Target top-1 on the originals, full and shielded decodes (stages 1-2). With unlabelled
+    /// data, the labels are the target's own top-1 on the originals (so `top1_original` is 1).
+    pub top1_original: Option<f32>,
+    /// See `top1_original`.
+    pub top1_full: Option<f32>,
+    /// See `top1_original`.
+    pub top1_shielded: Option<f32>,
+}
+
+/// The trainer of all three stages.
+pub struct Trainer {
+    /// The settings.
+    pub cfg: TrainConfig,
+    varmap: VarMap,
+    backbone: Box<dyn LicBackbone>,
+    generator: Option<Box<dyn TriggerGenerator>>,
+    conditions: Conditions,
+    target: Option<Box<dyn SemanticTarget>>,
+    architecture: Architecture,
+    main: Adam,
+    aux: Adam,
+    weighting: AdaptiveWeighting,
+    sampler: crate::data::CropSampler,
+    noise: SplitMix64,
+    validation: Option<(Tensor, Vec<Option<usize>>)>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("cfg", &self.cfg)
+            .field("step", &self.main.steps())
+            .finish()
+    }
+}
+
+/// Names of variables that are buffers, not parameters.
+fn is_buffer(name: &str) -> bool {
+    ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"]
+        .iter()
+        .any(|b| name.ends_with(b))
+}
+
+/// Whether a variable belongs to the decoder's synthesis side (trained in stage 2).
+fn is_synthesis_side(name: &str) -> bool {
+    name.starts_with("g_s") || name.starts_with("cltg.") || name.starts_with("global_cond.")
+}
+
+/// Loads a semantic target by kind.
+pub fn load_target(kind: &str, weights: &Path, device: &Device) -> Result<Box<dyn SemanticTarget>> {
+    match kind {
+        "efficientnet-lite" => Ok(Box::new(EfficientNetLite::load(weights, device)?)),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown target {other:?} (known: efficientnet-lite)"
+        ))),
+    }
+}
+
+impl Trainer {
+    /// A fresh run: seeded initialisation (stage 0) or the `init` model file. The target of
+    /// stages 1 and 2 is loaded as `[shield]` says.
+    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        Self::with_target(cfg, device, None)
+    }
+
+    /// A fresh run against your own target model (any [`SemanticTarget`]; `[shield] target`
+    /// and `weights` are then only recorded). `None` loads the target the config names.
+    pub fn with_target(
+        cfg: TrainConfig,
+        device: &Device,
+        target: Option<Box<dyn SemanticTarget>>,
+    ) -> Result<Self> {
+        cfg.check()?;
+        match &cfg.init {
+            None => {
+                let architecture = Architecture::from_name_and_config(
+                    &cfg.architecture,
+                    &serde_json::json!({"n": cfg.n, "m": cfg.m}).to_string(),
+                )?;
+                Self::build(cfg, architecture, None, target, device)
+            }
+            Some(path) => {
+                let mut model = ModelFile::load(path, device)?;
+                if cfg.stage > 0 && model.build_generator(device)?.is_none() {
+                    model = model.with_new_cltg(cfg.seed ^ 0xc17, device)?;
+                }
+                let conditions = model.conditions()?;
+                let mut t = Self::build(
+                    cfg,
+                    model.architecture.clone(),
+                    Some(model.tensors),
+                    target,
+                    device,
+                )?;
+                if let Some(c) = conditions {
+                    t.conditions = c;
+                }
+                Ok(t)
+            }
+        }
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        architecture: Architecture,
+        tensors: Option<HashMap<String, Tensor>>,
+        target: Option<Box<dyn SemanticTarget>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = match &tensors {
+            None => crate::init::seeded_var_builder(&varmap, cfg.seed, DType::F32, device),
+            Some(tensors) => {
+                let mut data = varmap.data().lock().expect("VarMap lock");
+                for (name, t) in tensors {
+                    if !is_buffer(name) && t.dtype().is_float() {
+                        let t = t.to_dtype(DType::F32)?.to_device(device)?;
+                        data.insert(name.clone(), Var::from_tensor(&t)?);
+                    }
+                }
+                drop(data);
+                VarBuilder::from_varmap(&varmap, DType::F32, device)
+            }
+        };
+        let backbone = architecture.build(vb.clone())?;
+        let conditions = Conditions::default();
+        let generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
+            (Architecture::PsicHy2018(c), _) if cfg.stage > 0 => Some(Box::new(
+                crate::backbone::PsicHy2018::load_cltg(vb.clone(), c)?,
+            )),
+            (Architecture::ScaleHyperprior(_), Some(t)) if cfg.stage > 0 => {
+                let gen_cfg = CltgConfig::infer_generic(t)?.ok_or_else(|| {
+                    Error::Model("the initial model has no cltg.* generator".into())
+                })?;
+                Some(Box::new(AnchoredGenerator::new(
+                    Cltg::new(vb.clone(), &gen_cfg)?,
+                    conditions.full,
+                )))
+            }
+            _ => None,
+        };
+        let mut named: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .expect("VarMap lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if cfg.stage == 2 {
+            (
+                vec![],
+                named
+                    .into_iter()
+                    .filter(|(k, _)| is_synthesis_side(k))
+                    .collect(),
+            )
+        } else {
+            named
+                .into_iter()
+                .partition(|(k, _)| k.ends_with("quantiles"))
+        };
+        let target = match (&cfg.shield, target) {
+            (_, Some(t)) if cfg.stage > 0 => Some(t),
+            (Some(s), None) if cfg.stage > 0 => Some(load_target(&s.target, &s.weights, device)?),
+            _ => None,
+        };
+        let folder = crate::data::ImageFolder::open(&cfg.data)?;
+        let files = folder.part(crate::data::Split::Train, cfg.eval_percent);
+        if files.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no training images left after holding out {}%",
+                cfg.data.display(),
+                cfg.eval_percent
+            )));
+        }
+        let labels = files.iter().map(|f| folder.label(f)).collect();
+        let sampler = crate::data::CropSampler::new(&files, cfg.crop, cfg.seed ^ 0x5eed)?
+            .with_labels(labels)?;
+        let validation = if cfg.validate_every > 0 {
+            let eval: Vec<PathBuf> = folder
+                .part(crate::data::Split::Eval, cfg.eval_percent)
+                .into_iter()
+                .take(cfg.validate_images)
+                .collect();
+            if eval.is_empty() {
+                None
+            } else {
+                let labels = eval.iter().map(|f| folder.label(f)).collect();
+                Some((center_crops(&eval, cfg.crop, device)?, labels))
+            }
+        } else {
+            None
+        };
+        let momentum = cfg.shield.as_ref().map_or(0.0, |s| s.adaptive_momentum);
+        Ok(Self {
+            main: Adam::new(main_vars, cfg.lr)?,
+            aux: Adam::new(aux_vars, cfg.aux_lr)?,
+            weighting: AdaptiveWeighting::new(2, 1e-6, momentum)?,
+            noise: SplitMix64::new(cfg.seed ^ 0x401e),
+            cfg,
+            varmap,
+            backbone,
+            generator,
+            conditions,
+            target,
+            architecture,
+            sampler,
+            validation,
+            device: device.clone(),
+        })
+    }
+
+    /// Steps done so far.
+    pub fn step_count(&self) -> u64 {
+        self.main.steps()
+    }
+
+    /// The device the run is on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One step of the configured stage.
+    pub fn step(&mut self) -> Result<StepStats> {
+        let lr = self.cfg.lr_at(self.main.steps() + 1);
+        self.main.lr = lr;
+        let mut stats = if self.cfg.stage == 0 {
+            self.rd_step()?
+        } else {
+            self.shield_step()?
+        };
+        stats.lr = lr;
+        Ok(stats)
+    }
+
+    fn aux_step(&mut self) -> Result<f32> {
+        let aux = self.backbone.entropy_bottleneck().aux_loss()?;
+        self.aux.step(&aux.backward()?, None)?;
+        Ok(aux.to_scalar::<f32>()?)
+    }
+
+    fn rd_step(&mut self) -> Result<StepStats> {
+        let x = self.sampler.next_batch(self.cfg.batch, &self.device)?;
+        let out = super::rd_forward(self.backbone.as_ref(), &x, None, &mut self.noise)?;
+        let loss = rd_loss(&out, self.cfg.lambda)?;
+        let grad_norm = self.main.step(&loss.backward()?, Some(self.cfg.clip))?;
+        let aux = self.aux_step()?;
+        Ok(StepStats {
+            step: self.main.steps(),
+            loss: loss.to_scalar::<f32>()?,
+            bpp: out.bpp.to_scalar::<f32>()?,
+            psnr: psnr_of(&out.mse)?,
+            aux,
+            grad_norm,
+            ..Default::default()
+        })
+    }
+
+    /// The noisy latent and the rate of a batch (shared by both decodes).
+    fn latent(&mut self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, _, h, w) = x.dims4()?;
+        let bb = self.backbone.as_ref();
+        let y = bb.analysis(x)?;
+        let z = bb.hyper_analysis(&y)?;
+        let z_tilde = (&z + uniform_noise(z.dims(), &mut self.noise, &self.device)?)?;
+        let z_lik = bb.entropy_bottleneck().likelihood(&z_tilde)?;
+        let params = bb.hyper_synthesis(&z_tilde)?;
+        let y_tilde = (&y + uniform_noise(y.dims(), &mut self.noise, &self.device)?)?;
+        let y_lik = bb.gaussian_conditional().likelihood(
+            &y_tilde,
+            &params.scales,
+            params.means.as_ref(),
+        )?;
+        let bits = ((y_lik.log()?.sum_all()? + z_lik.log()?.sum_all()?)? * (-1.0 / 2f64.ln()))?;
+        Ok((y_tilde, (bits / (b * h * w) as f64)?))
+    }
+
+    fn shield_step(&mut self) -> Result<StepStats> {
+        let shield = self
+            .cfg
+            .shield
+            .clone()
+            .expect("checked in TrainConfig::check");
+        let (x, labels) = self
+            .sampler
+            .next_labelled_batch(self.cfg.batch, &self.device)?;
+        let b = x.dim(0)?;
+        let (mut y_tilde, bpp) = self.latent(&x)?;
+        if self.cfg.stage == 2 {
+            // The analysis side is frozen: keep backward out of it.
+            y_tilde = y_tilde.detach();
+        }
+        // Both decodes in one synthesis pass: the first half full, the second shielded.
+        let generator = self
+            .generator
+            .as_ref()
+            .expect("stages 1-2 have a generator");
+        let (full, shielded) = (self.conditions.full.beta(), self.conditions.shielded.beta());
+        let betas: Vec<f32> = (0..2 * b)
+            .map(|i| if i < b { full } else { shielded })
+            .collect();
+        let betas = Tensor::from_vec(betas, 2 * b, &self.device)?;
+        let triggers = generator.triggers_for_betas(&betas)?;
+        let x_hat = self
+            .backbone
+            .synthesis(&Tensor::cat(&[&y_tilde, &y_tilde], 0)?, Some(&triggers))?;
+        let (x_full, x_sh) = (x_hat.narrow(0, 0, b)?, x_hat.narrow(0, b, b)?);
+        let mse_full = (&x_full - &x)?.sqr()?.mean_all()?;
+        let mse_sh = (&x_sh - &x)?.sqr()?.mean_all()?;
+        let distortion = (((&mse_full * shield.lambda_full)?
+            + (&mse_sh * shield.lambda_shielded)?)?
+            * (0.5 * 255.0 * 255.0))?;
+
+        let target = self.target.as_ref().expect("stages 1-2 have a target");
+        let captions = target.class_embeddings()?;
+        let e_orig = target.embed_images(&target.preprocess(&x)?)?.detach();
+        let scores_orig = (cosine_matrix(&e_orig, &captions)? * shield.uaeo.score_scale)?;
+        let own: Vec<usize> = match labels.iter().copied().collect::<Option<Vec<_>>>() {
+            Some(l) => l,
+            // Unlabelled data: the target's own reading of the original is the "caption".
+            None => crate::targets::top_k(&target.logits_from_embeddings(&e_orig)?, 1)?
+                .into_iter()
+                .map(|v| v[0])
+                .collect(),
+        };
+        let e_sh = target.embed_images(&target.preprocess(&x_sh)?)?;
+        let logits_sh = target.logits_from_embeddings(&e_sh)?;
+        let terms = uaeo_terms(
+            &scores_orig,
+            &e_sh,
+            &captions,
+            &logits_sh,
+            &own,
+            false,
+            &shield.uaeo,
+        )?;
+        let zero = || Tensor::zeros((), DType::F32, &self.device);
+        let (shield_loss, weights) = if self.cfg.stage == 1 {
+            let c = match &terms.clean {
+                Some(t) => (t * shield.clean_weight)?,
+                None => zero()?,
+            };
+            let n = match &terms.noisy {
+                Some(t) => (t * shield.noisy_weight)?,
+                None => zero()?,
+            };
+            ((c + n)?, None)
+        } else {
+            match self
+                .weighting
+                .combine(&[terms.clean.as_ref(), terms.noisy.as_ref()])?
+            {
+                Some((sum, w)) => (sum, Some([w[0], w[1]])),
+                None => (zero()?, None),
+            }
+        };
+        let mut loss = (distortion + (shield_loss * shield.lambda_shield)?)?;
+        if self.cfg.stage == 1 {
+            loss = (loss + &bpp)?;
+        }
+        let grad_norm = self.main.step(&loss.backward()?, Some(self.cfg.clip))?;
+        let aux = if self.cfg.stage == 1 {
+            self.aux_step()?
+        } else {
+            0.0
+        };
+        let predicted = crate::targets::top_k(&logits_sh, 1)?;
+        let hits = predicted
+            .iter()
+            .zip(&own)
+            .filter(|(p, &o)| p[0] == o)
+            .count();
+        let scalar = |t: &Option<Tensor>| -> Result<Option<f32>> {
+            t.as_ref().map(|t| Ok(t.to_scalar::<f32>()?)).transpose()
+        };
+        Ok(StepStats {
+            step: self.main.steps(),
+            loss: loss.to_scalar::<f32>()?,
+            bpp: bpp.to_scalar::<f32>()?,
+            psnr: psnr_of(&mse_full)?,
+            aux,
+            grad_norm,
+            lr: 0.0,
+            psnr_shielded: Some(psnr_of(&mse_sh)?),
+            clean: scalar(&terms.clean)?,
+            noisy: scalar(&terms.noisy)?,
+            clean_count: Some(terms.split.clean.len()),
+            shielded_top1: Some(hits as f32 / b as f32),
+            weights,
+        })
+    }
+
+    /// Validation on the fixed evaluation crops (`None` when validation is off): real rounding
+    /// of the latents, both decodes, target top-1 where labels and a target exist. Also returns
+    /// a grid (rows: original, full, shielded) of up to four of the images.
+    pub fn validate(&self) -> Result<Option<(ValStats, RgbImage)>> {
+        let Some((x, labels)) = &self.validation else {
+            return Ok(None);
+        };
+        let (b, _, h, w) = x.dims4()?;
+        let bb = self.backbone.as_ref();
+        let y = bb.analysis(x)?.detach();
+        let z_hat = bb.hyper_analysis(&y)?.round()?.detach();
+        let params = bb.hyper_synthesis(&z_hat)?;
+        let y_hat = match &params.means {
+            Some(mu) => ((&y - mu)?.round()? + mu)?,
+            None => y.round()?,
+        }
+        .detach();
+        let y_lik =
+            bb.gaussian_conditional()
+                .likelihood(&y_hat, &params.scales, params.means.as_ref())?;
+        let z_lik = bb.entropy_bottleneck().likelihood(&z_hat)?;
+        let bits = (y_lik.log()?.sum_all()? + z_lik.log()?.sum_all()?)?.to_scalar::<f32>()?
+            / -std::f32::consts::LN_2;
+        let decode = |c: Option<&Condition>| -> Result<Tensor> {
+            let t = match (c, &self.generator) {
+                (Some(c), Some(g)) => Some(g.triggers(c, b)?),
+                _ => None,
+            };
+            Ok(bb
+                .synthesis(&y_hat, t.as_ref())?
+                .clamp(0f32, 1f32)?
+                .detach())
+        };
+        let full = decode(Some(&self.conditions.full))?;
+        let shielded = match &self.generator {
+            Some(_) => Some(decode(Some(&self.conditions.shielded))?),
+            None => None,
+        };
+        let mean_psnr = |r: &Tensor| -> Result<f32> {
+            let mse = (r - x)?.sqr()?.mean((1, 2, 3))?.to_vec1::<f32>()?;
+            Ok(mse
+                .iter()
+                .map(|m| -10.0 * m.max(1e-10).log10())
+                .sum::<f32>()
+                / b as f32)
+        };
+        let mut stats = ValStats {
+            step: self.main.steps(),
+            images: b,
+            bpp: bits / (b * h * w) as f32,
+            psnr_full: mean_psnr(&full)?,
+            psnr_shielded: shielded.as_ref().map(mean_psnr).transpose()?,
+            ..Default::default()
+        };
+        if let Some(target) = &self.target {
+            // Unlabelled data: agreement with the target's reading of the originals.
+            let labels = match labels.iter().copied().collect::<Option<Vec<_>>>() {
+                Some(l) => l,
+                None => target.classify(x, 1)?.into_iter().map(|p| p[0]).collect(),
+            };
+            let top1 = |imgs: &Tensor| -> Result<f32> {
+                let p = target.classify(imgs, 1)?;
+                let hits = p.iter().zip(&labels).filter(|(p, &l)| p[0] == l).count();
+                Ok(hits as f32 / b as f32)
+            };
+            stats.top1_original = Some(top1(x)?);
+            stats.top1_full = Some(top1(&full)?);
+            stats.top1_shielded = shielded.as_ref().map(top1).transpose()?;
+        }
+        let shown = b.min(4);
+        let mut rows = vec![x.narrow(0, 0, shown)?, full.narrow(0, 0, shown)?];
+        if let Some(s) = &shielded {
+            rows.push(s.narrow(0, 0, shown)?);
+        }
+        Ok(Some((stats, grid(&rows)?)))
+    }
+
+    /// Writes a resume checkpoint (weights, optimisers, generator states, settings) atomically.
+    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("VarMap lock")
+            .iter()
+            .map(|(k, v)| (format!("model.{k}"), v.as_tensor().clone()))
+            .collect();
+        tensors.extend(self.main.state("adam.main")?);
+        tensors.extend(self.aux.state("adam.aux")?);
+        let rng = Tensor::new(
+            &[self.sampler.rng_state() as i64, self.noise.state() as i64],
+            &self.device,
+        )?;
+        tensors.push(("rng".into(), rng));
+        tensors.push((
+            "weighting".into(),
+            Tensor::new(self.weighting.state().as_slice(), &self.device)?,
+        ));
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = HashMap::from([
+            ("format".to_string(), "psic-train-checkpoint".to_string()),
+            (
+                "config".to_string(),
+                serde_json::to_string(&self.cfg).unwrap_or_default(),
+            ),
+            (
+                "architecture".to_string(),
+                self.architecture.name().to_string(),
+            ),
+            (
+                "architecture_config".to_string(),
+                self.architecture.config_json().to_string(),
+            ),
+            (
+                "conditions".to_string(),
+                serde_json::to_string(&self.conditions).unwrap_or_default(),
+            ),
+        ]);
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+                .map_err(|e| Error::Model(format!("cannot serialise checkpoint: {e}")))?;
+        crate::image_io::write_atomic(path, &bytes)
+    }
+
+    /// Resumes a run from a checkpoint: continues exactly where it stopped. `overrides` may
+    /// change settings that do not alter the run's state (device, steps, schedule, validation,
+    /// checkpoint interval).
+    pub fn resume(
+        path: impl AsRef<Path>,
+        device: &Device,
+        overrides: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Self> {
+        Self::resume_with_target(path, device, overrides, None)
+    }
+
+    /// [`resume`](Self::resume) against your own target (see [`with_target`](Self::with_target)).
+    pub fn resume_with_target(
+        path: impl AsRef<Path>,
+        device: &Device,
+        overrides: impl FnOnce(&mut TrainConfig),
+        target: Option<Box<dyn SemanticTarget>>,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        let info = meta.metadata().clone().unwrap_or_default();
+        if info.get("format").map(String::as_str) != Some("psic-train-checkpoint") {
+            return Err(Error::Model(format!(
+                "{} is not a psic training checkpoint",
+                path.display()
+            )));
+        }
+        let mut cfg: TrainConfig =
+            serde_json::from_str(info.get("config").map(String::as_str).unwrap_or(""))
+                .map_err(|e| Error::Model(format!("{}: bad config: {e}", path.display())))?;
+        overrides(&mut cfg);
+        cfg.check()?;
+        let architecture = match (info.get("architecture"), info.get("architecture_config")) {
+            (Some(name), Some(c)) => Architecture::from_name_and_config(name, c)?,
+            _ => Architecture::from_name_and_config(
+                &cfg.architecture,
+                &serde_json::json!({"n": cfg.n, "m": cfg.m}).to_string(),
+            )?,
+        };
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let model: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.clone())))
+            .collect();
+        let mut t = Self::build(cfg, architecture, Some(model), target, device)?;
+        if let Some(c) = info.get("conditions") {
+            t.conditions = serde_json::from_str(c)
+                .map_err(|e| Error::Model(format!("{}: bad conditions: {e}", path.display())))?;
+        }
+        t.main.load_state(&tensors, "adam.main")?;
+        t.aux.load_state(&tensors, "adam.aux")?;
+        let rng = tensors
+            .get("rng")
+            .ok_or_else(|| Error::Model("checkpoint lacks rng".into()))?
+            .to_vec1::<i64>()?;
+        t.sampler.set_rng_state(rng[0] as u64);
+        t.noise = SplitMix64::new(rng[1] as u64);
+        if let Some(w) = tensors.get("weighting") {
+            t.weighting.set_state(&w.to_vec1::<f64>()?);
+        }
+        Ok(t)
+    }
+
+    /// The trained model as a psic model file (coding tables built from the learned densities).
+    pub fn export(&self) -> Result<ModelFile> {
+        let meta = std::collections::BTreeMap::from([
+            (
+                "source".to_string(),
+                format!(
+                    "psic stage-{} training, {} steps",
+                    self.cfg.stage,
+                    self.main.steps()
+                ),
+            ),
+            (
+                "training".to_string(),
+                serde_json::to_string(&self.cfg).unwrap_or_default(),
+            ),
+        ]);
+        let mut model =
+            ModelFile::from_varmap(self.architecture.clone(), &self.varmap, meta, &self.device)?;
+        if self.generator.is_some() {
+            let json = serde_json::to_string(&self.conditions).unwrap_or_default();
+            model.extra_metadata.insert("conditions".into(), json);
+        }
+        Ok(model)
+    }
+
+    /// The current forward pass of a batch without triggers (tests and diagnostics).
+    pub fn rd_forward(&mut self, x: &Tensor) -> Result<RdForward> {
+        super::rd_forward(self.backbone.as_ref(), x, None, &mut self.noise)
+    }
+}
+
+fn psnr_of(mse: &Tensor) -> Result<f32> {
+    Ok(-10.0 * mse.to_scalar::<f32>()?.max(1e-10).log10())
+}
+
+/// Central `crop`x`crop` patches of images (each at least that large), `[N, 3, crop, crop]`.
+fn center_crops(files: &[PathBuf], crop: u32, device: &Device) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let img = crate::image_io::load_image(f)?;
+        if img.width() < crop || img.height() < crop {
+            return Err(Error::Image(format!(
+                "{}: smaller than the {crop}x{crop} crop",
+                f.display()
+            )));
+        }
+        let x0 = (img.width() - crop) / 2;
+        let y0 = (img.height() - crop) / 2;
+        let patch = image::imageops::crop_imm(&img, x0, y0, crop, crop).to_image();
+        out.push(crate::image_io::image_to_tensor(&patch, device)?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// Tiles rows of `[n, 3, H, W]` images into one picture, 4 pixels of white between tiles.
+pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
+    let gap = 4u32;
+    let (n, _, h, w) = rows
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("empty grid".into()))?
+        .dims4()?;
+    let (h, w) = (h as u32, w as u32);
+    let mut canvas = RgbImage::from_pixel(
+        n as u32 * (w + gap) - gap,
+        rows.len() as u32 * (h + gap) - gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (r, row) in rows.iter().enumerate() {
+        for i in 0..n {
+            let tile = crate::image_io::tensor_to_image(&row.narrow(0, i, 1)?)?;
+            image::imageops::replace(
+                &mut canvas,
+                &tile,
+                (i as u32 * (w + gap)) as i64,
+                (r as u32 * (h + gap)) as i64,
+            );
+        }
+    }
+    Ok(canvas)
+}
