@@ -38,6 +38,7 @@ commands:
           DIR/checkpoint.safetensors (resume), DIR/log.jsonl, DIR/model.safetensors (a psic
           model file) and DIR/val-grid.png as it goes; --steps changes the total, and
           --max-minutes stops early (saving first)
+  export  -i CHECKPOINT -o MODEL.safetensors    the model file of a training checkpoint
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
@@ -431,6 +432,20 @@ fn parse_num<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T> {
         .map_err(|_| Error::InvalidArgument(format!("{flag} needs a number, got {v:?}")))
 }
 
+/// `export -i CHECKPOINT -o MODEL`: the model file of a training checkpoint.
+fn export(args: &[String]) -> Result<()> {
+    let a = Args::parse(args, &[("-i", "--input"), ("-o", "--output")])?;
+    let trainer = psic::train::Trainer::resume(a.get("--input")?, &Device::Cpu, |_| {})?;
+    trainer.export()?.save(a.get("--output")?)?;
+    println!(
+        "{} (step {}) -> {}",
+        a.get("--input")?,
+        trainer.step_count(),
+        a.get("--output")?
+    );
+    Ok(())
+}
+
 fn psnr(args: &[String]) -> Result<()> {
     let a = Args::parse(args, &[("-a", "--a"), ("-b", "--b")])?;
     let (x, y) = (load_image(a.get("--a")?)?, load_image(a.get("--b")?)?);
@@ -567,6 +582,7 @@ fn main() -> ExitCode {
         Some("classify") => classify(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("export") => export(&args[1..]),
         Some("psnr") => psnr(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

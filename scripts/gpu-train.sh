@@ -6,7 +6,7 @@
 #   gpu-carry/imagenet-val256/          the photos and labels.json
 #   gpu-carry/efficientnet-lite0.safetensors
 #   ../shared/gpu/run_on_gpu.sh is not there: the same LD_LIBRARY_PATH logic is inlined below.
-# Usage: bash scripts/gpu-train.sh OUT_DIR MINUTES_STAGE0 MINUTES_STAGE1 MINUTES_STAGE2
+# Usage: bash scripts/gpu-train.sh OUT_DIR MINUTES_STAGE0 MINUTES_STAGE1 MINUTES_STAGE2 (0 skips a stage)
 # Each stage's checkpoint, log and validation grid are packed into OUT_DIR as soon as the stage
 # ends (split in 15 MB parts), so a run cut short still returns what it finished.
 set -uo pipefail
@@ -38,6 +38,7 @@ pack() { # stage name -> OUT_DIR/NAME.tar.part-*
 
 run_stage() { # stage minutes
   local s=$1 minutes=$2 dir="runs/default-stage$1"
+  if [ "$minutes" = 0 ]; then stamp "stage $s skipped"; return 0; fi
   stamp "stage $s: $minutes min"
   if [ -f "$dir/checkpoint.safetensors" ]; then
     args=(--resume "$dir/checkpoint.safetensors")

@@ -1,18 +1,26 @@
 //! Small conversions between candle tensors and plain vectors, with typed errors.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
-/// Flattens any float tensor into `Vec<f32>` (NCHW order).
+/// Flattens any float tensor into `Vec<f32>` (NCHW order). Converts on the CPU: CUDA has no
+/// kernels for some casts (e.g. from `i32`).
 pub(crate) fn tensor_to_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    Ok(t.flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
 }
 
 /// Reads an integer buffer stored either as an integer tensor or as exact float values (as some
 /// converted CompressAI checkpoints do). Non-integral or out-of-range values are an error.
 pub(crate) fn int_buffer(t: &Tensor) -> Result<Vec<i32>> {
-    let vals = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let vals = t
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     vals.iter()
         .map(|&v| {
             if v.fract() == 0.0 && v >= i32::MIN as f64 && v <= i32::MAX as f64 {
@@ -36,4 +44,10 @@ pub(crate) fn state_dim(
         .get(name)
         .and_then(|t| t.dims().get(i).copied())
         .ok_or_else(|| Error::Model(format!("checkpoint lacks {name}")))
+}
+
+/// `vb` reading onto the CPU: integer buffers are read and converted there (CUDA has no kernels
+/// for casts from `i32`).
+pub(crate) fn cpu_view<'a>(vb: &candle_nn::VarBuilder<'a>) -> candle_nn::VarBuilder<'a> {
+    vb.clone().set_device(Device::Cpu)
 }

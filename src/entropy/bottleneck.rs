@@ -6,7 +6,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::cdf::{pmf_to_quantized_cdf, CdfTables, PRECISION};
 use super::EntropyCoder;
-use crate::tensor_util::{int_buffer, tensor_to_f32};
+use crate::tensor_util::{cpu_view, int_buffer, tensor_to_f32};
 use crate::{Error, Result};
 
 /// Filter widths of the univariate density model (CompressAI's default `(3, 3, 3, 3)`).
@@ -83,7 +83,7 @@ impl EntropyBottleneck {
         };
         let medians = tensor_to_f32(&quantiles.narrow(2, 1, 1)?)?;
         let tables = if vb.contains_tensor("_quantized_cdf") {
-            let cdf = vb.get_unchecked("_quantized_cdf")?;
+            let cdf = cpu_view(&vb).get_unchecked("_quantized_cdf")?;
             let (rows, width) = cdf.dims2()?;
             if rows != channels {
                 return Err(Error::Model(format!(
@@ -94,8 +94,8 @@ impl EntropyBottleneck {
                 &int_buffer(&cdf)?,
                 rows,
                 width,
-                &int_buffer(&vb.get_unchecked("_cdf_length")?)?,
-                &int_buffer(&vb.get_unchecked("_offset")?)?,
+                &int_buffer(&cpu_view(&vb).get_unchecked("_cdf_length")?)?,
+                &int_buffer(&cpu_view(&vb).get_unchecked("_offset")?)?,
             )?)
         } else {
             None

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use super::bottleneck::{round_symbol, LIKELIHOOD_BOUND};
 use super::cdf::{pmf_to_quantized_cdf, CdfTables, PRECISION};
 use super::EntropyCoder;
-use crate::tensor_util::{int_buffer, tensor_to_f32};
+use crate::tensor_util::{cpu_view, int_buffer, tensor_to_f32};
 use crate::{Error, Result};
 
 /// Smallest scale the model uses (`scale_bound` / `lower_bound_scale` in CompressAI).
@@ -107,7 +107,7 @@ impl GaussianConditional {
     /// `_cdf_length`; computes the tables from the scale table when the file has none.
     pub fn new(vb: VarBuilder) -> Result<Self> {
         let scale_table = if vb.contains_tensor("scale_table") {
-            tensor_to_f32(&vb.get_unchecked("scale_table")?)?
+            tensor_to_f32(&cpu_view(&vb).get_unchecked("scale_table")?)?
         } else {
             default_scale_table()
         };
@@ -120,14 +120,14 @@ impl GaussianConditional {
             ));
         }
         let tables = if vb.contains_tensor("_quantized_cdf") {
-            let cdf = vb.get_unchecked("_quantized_cdf")?;
+            let cdf = cpu_view(&vb).get_unchecked("_quantized_cdf")?;
             let (rows, width) = cdf.dims2()?;
             CdfTables::from_padded(
                 &int_buffer(&cdf)?,
                 rows,
                 width,
-                &int_buffer(&vb.get_unchecked("_cdf_length")?)?,
-                &int_buffer(&vb.get_unchecked("_offset")?)?,
+                &int_buffer(&cpu_view(&vb).get_unchecked("_cdf_length")?)?,
+                &int_buffer(&cpu_view(&vb).get_unchecked("_offset")?)?,
             )?
         } else {
             Self::build_tables(&scale_table)?

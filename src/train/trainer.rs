@@ -322,9 +322,12 @@ impl Trainer {
                 Self::build(cfg, architecture, None, target, device)
             }
             Some(path) => {
-                let mut model = ModelFile::load(path, device)?;
-                if cfg.stage > 0 && model.build_generator(device)?.is_none() {
-                    model = model.with_new_cltg(cfg.seed ^ 0xc17, device)?;
+                // Prepared on the CPU (its integer coding tables cannot be cast on CUDA); the
+                // weights move to `device` in `build`.
+                let cpu = Device::Cpu;
+                let mut model = ModelFile::load(path, &cpu)?;
+                if cfg.stage > 0 && model.build_generator(&cpu)?.is_none() {
+                    model = model.with_new_cltg(cfg.seed ^ 0xc17, &cpu)?;
                 }
                 let conditions = model.conditions()?;
                 let mut t = Self::build(
