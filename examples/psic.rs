@@ -24,8 +24,11 @@ commands:
   convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]
           import a CompressAI or official PSIC checkpoint (.safetensors, .pth, .pth.tar)
           as a psic model file; ARCH (bmshj2018-hyperprior, psic-hy2018) is inferred
-  encode  -m MODEL -i IN.png -o OUT.psic      compress an image
-  decode  -m MODEL -i IN.psic -o OUT.png [--full | --condition BETA]
+  shield  IMAGE [--out-dir DIR] [--full] [-m MODEL]
+          compress IMAGE with the default shielded model (or MODEL): writes IMAGE.psic and
+          IMAGE.shielded.png (and IMAGE.full.png with --full) into DIR (default .)
+  encode  [-m MODEL] -i IN.png -o OUT.psic    compress an image (default model without -m)
+  decode  [-m MODEL] -i IN.psic -o OUT.png [--full | --condition BETA]
           decompress a stream: the shielded decode by default (for shielded models),
           the full one with --full, or any condition with --condition
   info    -i IN.psic                          print a stream's header
@@ -33,11 +36,12 @@ commands:
           time encode, decode and the rANS coder; prints median, min and max
           (defaults: the CompressAI fixture model and image in ../shared, 5 runs)
   train   --config CONFIG.toml --out DIR [--resume CHECKPOINT] [--device cpu|cuda]
-          [--steps N] [--max-minutes M]
+          [--steps N] [--max-minutes M] [--data DIR] [--target-weights W]
           training, stage 0, 1 or 2 as the config says (docs/TRAINING.md); writes
           DIR/checkpoint.safetensors (resume), DIR/log.jsonl, DIR/model.safetensors (a psic
-          model file) and DIR/val-grid.png as it goes; --steps changes the total, and
-          --max-minutes stops early (saving first)
+          model file) and DIR/val-grid.png as it goes; --steps changes the total,
+          --max-minutes stops early (saving first), --data and --target-weights move a
+          resumed run's data folder and target weights
   export  -i CHECKPOINT -o MODEL.safetensors    the model file of a training checkpoint
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
@@ -120,13 +124,101 @@ fn convert(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The codec of `--model`, or the embedded default model when it is not given.
+fn load_codec(a: &Args) -> Result<Codec> {
+    match a.opt("--model") {
+        Some(path) => Codec::load(path),
+        None => default_codec(),
+    }
+}
+
+#[cfg(feature = "default-model")]
+fn default_codec() -> Result<Codec> {
+    psic::zoo::default_codec()
+}
+
+#[cfg(not(feature = "default-model"))]
+fn default_codec() -> Result<Codec> {
+    Err(Error::InvalidArgument(
+        "no -m MODEL given and this build has no embedded default model (feature `default-model`)"
+            .into(),
+    ))
+}
+
+/// `shield IMAGE [--out-dir DIR] [--full] [-m MODEL]`: encode with the (default) shielded model,
+/// write the bitstream and the shielded decode, and with `--full` the full decode too.
+fn shield(args: &[String]) -> Result<()> {
+    let (input, rest) = match args.split_first() {
+        Some((first, rest)) if !first.starts_with('-') => (first.clone(), rest),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "shield needs an image\n{USAGE}"
+            )))
+        }
+    };
+    let a =
+        Args::parse_with_switches(rest, &[("-m", "--model"), ("-d", "--out-dir")], &["--full"])?;
+    let t = Instant::now();
+    let codec = load_codec(&a)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let conditions = codec.conditions().ok_or_else(|| {
+        Error::InvalidArgument("this model has no shield (no trigger generator)".into())
+    })?;
+    let img = load_image(&input)?;
+    let stem = Path::new(&input)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let dir = Path::new(a.opt("--out-dir").unwrap_or("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let t = Instant::now();
+    let bytes = codec.encode(&img)?;
+    let enc_s = t.elapsed().as_secs_f64();
+    let stream = dir.join(format!("{stem}.psic"));
+    write_atomic(&stream, &bytes)?;
+    let latent = codec.decode_latent(&bytes)?;
+    let t = Instant::now();
+    let shielded =
+        psic::image_io::tensor_to_image(&codec.synthesize(&latent, &conditions.shielded)?)?;
+    let sh_s = t.elapsed().as_secs_f64();
+    let shielded_path = dir.join(format!("{stem}.shielded.png"));
+    save_png(&shielded_path, &shielded)?;
+    let bpp = bytes.len() as f64 * 8.0 / (img.width() as f64 * img.height() as f64);
+    println!(
+        "{input}: {}x{} -> {} ({} bytes, {bpp:.4} bpp), encode {enc_s:.2} s",
+        img.width(),
+        img.height(),
+        stream.display(),
+        bytes.len()
+    );
+    println!(
+        "shielded decode -> {} ({:.2} dB PSNR to the input), synthesis {sh_s:.2} s",
+        shielded_path.display(),
+        psic::metrics::psnr(&img, &shielded)?
+    );
+    if a.switch("--full") {
+        let t = Instant::now();
+        let full = psic::image_io::tensor_to_image(&codec.synthesize(&latent, &conditions.full)?)?;
+        let full_s = t.elapsed().as_secs_f64();
+        let full_path = dir.join(format!("{stem}.full.png"));
+        save_png(&full_path, &full)?;
+        println!(
+            "full decode -> {} ({:.2} dB PSNR), synthesis {full_s:.2} s",
+            full_path.display(),
+            psic::metrics::psnr(&img, &full)?
+        );
+    }
+    println!("model load {load_s:.2} s");
+    Ok(())
+}
+
 fn encode(args: &[String]) -> Result<()> {
     let a = Args::parse(
         args,
         &[("-m", "--model"), ("-i", "--input"), ("-o", "--output")],
     )?;
     let t = Instant::now();
-    let codec = Codec::load(a.get("--model")?)?;
+    let codec = load_codec(&a)?;
     let load_s = t.elapsed().as_secs_f64();
     let img = load_image(a.get("--input")?)?;
     let t = Instant::now();
@@ -155,7 +247,7 @@ fn decode(args: &[String]) -> Result<()> {
         &["--full"],
     )?;
     let t = Instant::now();
-    let codec = Codec::load(a.get("--model")?)?;
+    let codec = load_codec(&a)?;
     let load_s = t.elapsed().as_secs_f64();
     let input = a.get("--input")?;
     let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
@@ -284,6 +376,8 @@ fn train(args: &[String]) -> Result<()> {
             ("-d", "--device"),
             ("-s", "--steps"),
             ("-t", "--max-minutes"),
+            ("-D", "--data"),
+            ("-w", "--target-weights"),
         ],
     )?;
     let out = Path::new(a.get("--out")?);
@@ -308,9 +402,18 @@ fn train(args: &[String]) -> Result<()> {
                     .or(probe.as_deref())
                     .unwrap_or("cpu"),
             )?;
+            let data = a.opt("--data").map(std::path::PathBuf::from);
+            let weights = a.opt("--target-weights").map(std::path::PathBuf::from);
             Trainer::resume(ckpt, &dev, |cfg| {
                 if let Some(s) = steps {
                     cfg.steps = s;
+                }
+                // Where the data and the target live may differ between machines.
+                if let Some(d) = data {
+                    cfg.data = d;
+                }
+                if let (Some(w), Some(s)) = (weights, cfg.shield.as_mut()) {
+                    s.weights = w;
                 }
                 if let Some(d) = &device_override {
                     cfg.device = Some(d.clone());
@@ -582,6 +685,7 @@ fn main() -> ExitCode {
         Some("classify") => classify(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("shield") => shield(&args[1..]),
         Some("export") => export(&args[1..]),
         Some("psnr") => psnr(&args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -12,7 +12,11 @@
 //!   entropy models;
 //! - [`bitstream`]: the container format (`docs/FORMAT.md`);
 //! - [`model`]: self-describing model files and the CompressAI checkpoint importer;
-//! - [`codec`]: [`Codec`], which ties them together.
+//! - [`codec`]: [`Codec`], which ties them together;
+//! - [`shield`]: conditions and the CLTG trigger generator;
+//! - [`targets`]: the semantic models a shield is trained and measured against;
+//! - [`train`]: the three training stages;
+//! - [`zoo`]: the default model that ships with psic.
 #![warn(missing_docs)]
 
 pub mod backbone;
@@ -30,6 +34,7 @@ pub mod shield;
 pub mod targets;
 mod tensor_util;
 pub mod train;
+pub mod zoo;
 
 pub use backbone::LicBackbone;
 pub use codec::Codec;

@@ -242,3 +242,67 @@ fn train_writes_checkpoint_log_and_model_and_resumes() {
     assert!(!o.status.success() && stderr(&o).starts_with("error: "));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn shield_with_the_default_model_writes_stream_and_both_decodes() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-shield-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = image::RgbImage::from_fn(100, 70, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
+    });
+    let input = dir.join("photo.png");
+    img.save(&input).unwrap();
+    let d = dir.to_string_lossy().into_owned();
+    let o = run(
+        &bin,
+        &[
+            "shield",
+            &input.to_string_lossy(),
+            "--out-dir",
+            &d,
+            "--full",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("bpp") && stdout.contains("shielded decode"),
+        "{stdout}"
+    );
+    let shielded = image::open(dir.join("photo.shielded.png"))
+        .unwrap()
+        .to_rgb8();
+    let full = image::open(dir.join("photo.full.png")).unwrap().to_rgb8();
+    assert_eq!(shielded.dimensions(), (100, 70));
+    assert_ne!(shielded, full);
+    // The stream decodes with the default model (no -m) to the same two images.
+    let stream = dir.join("photo.psic").to_string_lossy().into_owned();
+    let o = run(
+        &bin,
+        &["decode", "-i", &stream, "-o", &format!("{d}/s.png")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(dir.join("s.png")).unwrap().to_rgb8(), shielded);
+    let o = run(
+        &bin,
+        &[
+            "decode",
+            "-i",
+            &stream,
+            "-o",
+            &format!("{d}/f.png"),
+            "--full",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(dir.join("f.png")).unwrap().to_rgb8(), full);
+    // Missing input: one-line error, nothing written.
+    let o = run(
+        &bin,
+        &["shield", &format!("{d}/missing.png"), "--out-dir", &d],
+    );
+    assert!(!o.status.success() && stderr(&o).starts_with("error: "));
+    assert!(!dir.join("missing.psic").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
