@@ -393,15 +393,10 @@ fn train(args: &[String]) -> Result<()> {
     let device_override = a.opt("--device").map(str::to_string);
     let mut trainer = match a.opt("--resume") {
         Some(ckpt) => {
-            // The device must be known before loading; the config's own device is used when
-            // --device is not given.
-            let probe = psic::train::TrainConfig::device_in_checkpoint(ckpt)?;
-            let dev = device_named(
-                device_override
-                    .as_deref()
-                    .or(probe.as_deref())
-                    .unwrap_or("cpu"),
-            )?;
+            // A resumed run goes where --device says (the CPU by default), wherever it ran
+            // before: the device is not part of a run's state.
+            let device_name = device_override.clone().unwrap_or_else(|| "cpu".into());
+            let dev = device_named(&device_name)?;
             let data = a.opt("--data").map(std::path::PathBuf::from);
             let weights = a.opt("--target-weights").map(std::path::PathBuf::from);
             Trainer::resume(ckpt, &dev, |cfg| {
@@ -415,9 +410,7 @@ fn train(args: &[String]) -> Result<()> {
                 if let (Some(w), Some(s)) = (weights, cfg.shield.as_mut()) {
                     s.weights = w;
                 }
-                if let Some(d) = &device_override {
-                    cfg.device = Some(d.clone());
-                }
+                cfg.device = Some(device_name);
             })?
         }
         None => {

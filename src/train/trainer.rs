@@ -151,19 +151,6 @@ impl TrainConfig {
         self.lr * self.lr_gamma.powi(passed as i32)
     }
 
-    /// The `device` setting stored in a training checkpoint (read from its metadata only).
-    pub fn device_in_checkpoint(path: impl AsRef<Path>) -> Result<Option<String>> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        let info = meta.metadata().clone().unwrap_or_default();
-        let cfg: Option<TrainConfig> = info
-            .get("config")
-            .and_then(|c| serde_json::from_str(c).ok());
-        Ok(cfg.and_then(|c| c.device))
-    }
-
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.stage > 2 {
