@@ -26,7 +26,7 @@ pub struct AdaptiveWeighting {
 impl AdaptiveWeighting {
     /// A weighting of `terms` losses.
     pub fn new(terms: usize, floor: f64, momentum: f64) -> Result<Self> {
-        if !(floor > 0.0) || !(0.0..1.0).contains(&momentum) {
+        if floor.is_nan() || floor <= 0.0 || !(0.0..1.0).contains(&momentum) {
             return Err(Error::InvalidArgument(format!(
                 "adaptive weighting needs floor > 0 and 0 <= momentum < 1, got {floor}, {momentum}"
             )));
