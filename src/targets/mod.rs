@@ -14,11 +14,16 @@
 //! on a target's output backpropagates into the codec's synthesis transform.
 //!
 //! - [`EfficientNetLite`]: EfficientNet-Lite ImageNet classifiers (TF "same" padding, ReLU6).
+//! - [`ftfy`]: the text repair OpenAI's CLIP tokenizer applies (ftfy's `fix_text`, Python's
+//!   `html.unescape`).
 //! - [`preprocess`]: differentiable bicubic resize and centre crop.
 //! - [`classify_folder`]: top-k classes for every image of a folder (the CLI's `classify`).
 
 mod depthwise;
 mod efficientnet_lite;
+pub mod ftfy;
+#[rustfmt::skip]
+mod ftfy_tables;
 pub mod preprocess;
 
 pub use efficientnet_lite::{
