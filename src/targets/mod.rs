@@ -14,11 +14,12 @@
 //! on a target's output backpropagates into the codec's synthesis transform.
 //!
 //! - [`EfficientNetLite`]: EfficientNet-Lite ImageNet classifiers (TF "same" padding, ReLU6).
-//! - [`ftfy`]: the text repair OpenAI's CLIP tokenizer applies (ftfy's `fix_text`, Python's
-//!   `html.unescape`).
+//! - [`ClipTokenizer`]: OpenAI CLIP's BPE tokenizer, with the text repair it applies
+//!   ([`ftfy`]).
 //! - [`preprocess`]: differentiable bicubic resize and centre crop.
 //! - [`classify_folder`]: top-k classes for every image of a folder (the CLI's `classify`).
 
+pub mod clip_tokenizer;
 mod depthwise;
 mod efficientnet_lite;
 pub mod ftfy;
@@ -26,6 +27,7 @@ pub mod ftfy;
 mod ftfy_tables;
 pub mod preprocess;
 
+pub use clip_tokenizer::{clean_text, ClipTokenizer};
 pub use efficientnet_lite::{
     infer_block_strides, EfficientNetLite, EfficientNetLiteConfig, MbConvBlockConfig,
 };
