@@ -14,11 +14,12 @@
 //! on a target's output backpropagates into the codec's synthesis transform.
 //!
 //! - [`EfficientNetLite`]: EfficientNet-Lite ImageNet classifiers (TF "same" padding, ReLU6).
-//! - [`ClipTokenizer`]: OpenAI CLIP's BPE tokenizer, with the text repair it applies
-//!   ([`ftfy`]).
+//! - [`Clip`]: CLIP (Hugging Face `CLIPModel` folders) scored against a caption set, with
+//!   OpenAI's BPE tokenizer ([`ClipTokenizer`]) and the text repair it applies ([`ftfy`]).
 //! - [`preprocess`]: differentiable bicubic resize and centre crop.
 //! - [`classify_folder`]: top-k classes for every image of a folder (the CLI's `classify`).
 
+mod clip;
 pub mod clip_tokenizer;
 mod depthwise;
 mod efficientnet_lite;
@@ -27,6 +28,9 @@ pub mod ftfy;
 mod ftfy_tables;
 pub mod preprocess;
 
+pub use clip::{
+    Clip, ClipConfig, ClipEncoderConfig, ClipTextConfig, ClipVisionConfig, CLIP_MEAN, CLIP_STD,
+};
 pub use clip_tokenizer::{clean_text, ClipTokenizer};
 pub use efficientnet_lite::{
     infer_block_strides, EfficientNetLite, EfficientNetLiteConfig, MbConvBlockConfig,
