@@ -279,8 +279,20 @@ fn is_synthesis_side(name: &str) -> bool {
 pub fn load_target(kind: &str, weights: &Path, device: &Device) -> Result<Box<dyn SemanticTarget>> {
     match kind {
         "efficientnet-lite" => Ok(Box::new(EfficientNetLite::load(weights, device)?)),
+        "clip" => {
+            // weights = a Hugging Face CLIP folder: config.json, model.safetensors,
+            // bpe_simple_vocab_16e6.txt.gz (or merges.txt) and captions.txt (one caption a line).
+            let clip = crate::targets::Clip::load(weights, device)?;
+            if clip.captions().is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "CLIP target {}: no captions.txt (one caption per line) in the folder",
+                    weights.display()
+                )));
+            }
+            Ok(Box::new(clip))
+        }
         other => Err(Error::InvalidArgument(format!(
-            "unknown target {other:?} (known: efficientnet-lite)"
+            "unknown target {other:?} (known: efficientnet-lite, clip)"
         ))),
     }
 }
