@@ -16,10 +16,12 @@
 //! - [`shield`]: conditions and the CLTG trigger generator;
 //! - [`targets`]: the semantic models a shield is trained and measured against;
 //! - [`train`]: the three training stages;
-//! - [`zoo`]: the default model that ships with psic.
+//! - [`zoo`]: the default model that ships with psic;
+//! - [`metrics`], [`baseline`]: PSNR and MS-SSIM, and the JPEG baseline of the evaluation.
 #![warn(missing_docs)]
 
 pub mod backbone;
+pub mod baseline;
 pub mod bitstream;
 pub mod codec;
 pub mod data;
