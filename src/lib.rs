@@ -17,7 +17,8 @@
 //! - [`targets`]: the semantic models a shield is trained and measured against;
 //! - [`train`]: the three training stages;
 //! - [`zoo`]: the default model that ships with psic;
-//! - [`metrics`], [`baseline`]: PSNR and MS-SSIM, and the JPEG baseline of the evaluation.
+//! - [`metrics`], [`baseline`], [`plot`]: PSNR and MS-SSIM, the JPEG baseline, and the charts
+//!   of the evaluation.
 #![warn(missing_docs)]
 
 pub mod backbone;
@@ -32,6 +33,7 @@ pub mod init;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
