@@ -16,10 +16,13 @@
 //! - [`shield`]: conditions and the CLTG trigger generator;
 //! - [`targets`]: the semantic models a shield is trained and measured against;
 //! - [`train`]: the three training stages;
-//! - [`zoo`]: the default model that ships with psic.
+//! - [`zoo`]: the default model that ships with psic;
+//! - [`metrics`], [`baseline`], [`plot`]: PSNR and MS-SSIM, the JPEG baseline, and the charts
+//!   of the evaluation.
 #![warn(missing_docs)]
 
 pub mod backbone;
+pub mod baseline;
 pub mod bitstream;
 pub mod codec;
 pub mod data;
@@ -30,6 +33,7 @@ pub mod init;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
