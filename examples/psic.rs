@@ -43,6 +43,11 @@ commands:
           --max-minutes stops early (saving first), --data and --target-weights move a
           resumed run's data folder and target weights
   export  -i CHECKPOINT -o MODEL.safetensors    the model file of a training checkpoint
+  eval    [-m MODEL] --data DIR --out REPORT_DIR [--split eval|all] [--eval-percent 20]
+          [--limit N] [--target efficientnet-lite --weights W] [--jpeg 5,10,..|none]
+          [--no-purify] [--title TEXT]
+          evaluate a codec (default model without -m) on a folder: writes report.json,
+          report.md, grid.png (original | full | shielded), rd.png and accuracy.png
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR";
@@ -542,6 +547,107 @@ fn export(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `eval [-m MODEL] --data DIR [--split eval|all] [--eval-percent P] [--limit N]
+/// [--target T --weights W] [--jpeg Q1,Q2,..] [--no-purify] --out REPORT_DIR`.
+fn eval(args: &[String]) -> Result<()> {
+    use psic::eval::{evaluate, load_images, EvalConfig};
+    let a = Args::parse_with_switches(
+        args,
+        &[
+            ("-m", "--model"),
+            ("-d", "--data"),
+            ("-s", "--split"),
+            ("-p", "--eval-percent"),
+            ("-n", "--limit"),
+            ("-t", "--target"),
+            ("-w", "--weights"),
+            ("-j", "--jpeg"),
+            ("-o", "--out"),
+            ("-T", "--title"),
+        ],
+        &["--no-purify"],
+    )?;
+    let out = Path::new(a.get("--out")?);
+    let data = Path::new(a.get("--data")?);
+    let percent: u32 = a
+        .opt("--eval-percent")
+        .map(|v| parse_num(v, "--eval-percent"))
+        .transpose()?
+        .unwrap_or(20);
+    let part = match a.opt("--split").unwrap_or("all") {
+        "all" => None,
+        "eval" => Some((psic::data::Split::Eval, percent)),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--split {other:?}: use eval (the held-out part) or all"
+            )))
+        }
+    };
+    let limit = a
+        .opt("--limit")
+        .map(|v| parse_num(v, "--limit"))
+        .transpose()?;
+    let codec = load_codec(&a)?;
+    let target = match (a.opt("--target"), a.opt("--weights")) {
+        (Some(t), Some(w)) => Some(psic::train::load_target(t, Path::new(w), &Device::Cpu)?),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "--target and --weights go together".into(),
+            ))
+        }
+    };
+    let mut cfg = EvalConfig {
+        purify: !a.switch("--no-purify"),
+        ..Default::default()
+    };
+    if let Some(q) = a.opt("--jpeg") {
+        cfg.jpeg_qualities = if q.is_empty() || q == "none" {
+            vec![]
+        } else {
+            q.split(',')
+                .map(|v| parse_num(v.trim(), "--jpeg"))
+                .collect::<Result<_>>()?
+        };
+    }
+    let images = load_images(data, part, limit)?;
+    let t = Instant::now();
+    let report = evaluate(&codec, &images, target.as_deref(), &cfg, |done, total| {
+        progress("eval", done, total, t)
+    })?;
+    eprintln!();
+    let command = std::iter::once("cargo run --release --example psic -- eval".to_string())
+        .chain(args.iter().map(|s| {
+            if s.contains(' ') {
+                format!("{s:?}")
+            } else {
+                s.clone()
+            }
+        }))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let title = a.opt("--title").unwrap_or("psic evaluation");
+    psic::eval::write_report(&report, out, title, &command)?;
+    let s = &report.summary;
+    println!(
+        "{} images: {:.4} bpp, full {:.2} dB{}{}; report in {}",
+        s.images,
+        s.bpp,
+        s.psnr_full,
+        s.psnr_shielded
+            .map(|p| format!(", shielded {p:.2} dB"))
+            .unwrap_or_default(),
+        s.jpeg_psnr_at_codec_bpp
+            .map(|j| format!(", JPEG at that bpp {j:.2} dB"))
+            .unwrap_or_default(),
+        out.display()
+    );
+    for (v, acc) in &s.top1 {
+        println!("top-1 {v}: {:.1}%", 100.0 * acc);
+    }
+    Ok(())
+}
+
 fn psnr(args: &[String]) -> Result<()> {
     let a = Args::parse(args, &[("-a", "--a"), ("-b", "--b")])?;
     let (x, y) = (load_image(a.get("--a")?)?, load_image(a.get("--b")?)?);
@@ -679,6 +785,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("train") => train(&args[1..]),
         Some("shield") => shield(&args[1..]),
+        Some("eval") => eval(&args[1..]),
         Some("export") => export(&args[1..]),
         Some("psnr") => psnr(&args[1..]),
         Some("-h" | "--help" | "help") => {

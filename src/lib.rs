@@ -28,6 +28,7 @@ pub mod codec;
 pub mod data;
 pub mod entropy;
 pub mod error;
+pub mod eval;
 pub mod image_io;
 pub mod init;
 pub mod layers;

@@ -1,0 +1,625 @@
+//! The evaluation harness: how well a codec compresses, and how well it shields.
+//!
+//! [`evaluate`] runs every image of a set through the real codec (bitstream sizes, not
+//! likelihood estimates), measures PSNR and MS-SSIM of the full and the shielded decode, asks a
+//! semantic target for its top-5 on the original, the full decode, the shielded decode and on
+//! "purified" versions of the shielded decode (what a curious attacker would try: JPEG at
+//! quality 75, a Gaussian blur with sigma 1, a 2x down-and-up resize), and compresses the same
+//! images with JPEG at a range of qualities for the baseline curve. [`Report`] holds per-image
+//! and aggregate figures; `write_report` (in the CLI) turns it into JSON, Markdown and PNGs.
+
+use std::time::Instant;
+
+use image::RgbImage;
+
+use crate::baseline::{interpolate_psnr_at, jpeg_roundtrip};
+use crate::metrics::{ms_ssim, psnr};
+use crate::shield::Condition;
+use crate::targets::SemanticTarget;
+use crate::{Codec, Result};
+
+/// One image to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalImage {
+    /// File name.
+    pub name: String,
+    /// The pixels.
+    pub image: RgbImage,
+    /// Class label, when known.
+    pub label: Option<usize>,
+}
+
+/// Settings of an evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    /// JPEG qualities of the baseline curve (empty: no baseline).
+    pub jpeg_qualities: Vec<u8>,
+    /// Also classify purified shielded decodes (JPEG 75, blur, resize).
+    pub purify: bool,
+    /// Keep the decoded images of the first this many images (for the grid).
+    pub keep_images: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            jpeg_qualities: vec![2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90],
+            purify: true,
+            keep_images: 4,
+        }
+    }
+}
+
+/// Figures of one image.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ImageResult {
+    /// File name.
+    pub name: String,
+    /// Width and height.
+    pub size: (u32, u32),
+    /// Bitstream size, bytes.
+    pub bytes: usize,
+    /// Bits per pixel of the bitstream.
+    pub bpp: f64,
+    /// PSNR of the full decode, dB.
+    pub psnr_full: f64,
+    /// PSNR of the shielded decode, dB (shielded models).
+    pub psnr_shielded: Option<f64>,
+    /// MS-SSIM of the full decode (images of at least 161 pixels on both sides).
+    pub ms_ssim_full: Option<f64>,
+    /// MS-SSIM of the shielded decode.
+    pub ms_ssim_shielded: Option<f64>,
+    /// Seconds to encode.
+    pub encode_s: f64,
+    /// Seconds to decode (entropy decoding and one synthesis).
+    pub decode_s: f64,
+    /// Class label (or, for unlabelled data, the target's top-1 on the original).
+    pub label: Option<usize>,
+    /// Target top-5 per version: `original`, `full`, `shielded`, `shielded+jpeg75`,
+    /// `shielded+blur1`, `shielded+resize2x`.
+    pub top5: std::collections::BTreeMap<String, Vec<usize>>,
+    /// JPEG baseline: `(quality, bpp, psnr)`.
+    pub jpeg: Vec<(u8, f64, f64)>,
+}
+
+/// Aggregates over the set.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Images evaluated.
+    pub images: usize,
+    /// Whether labels were given (otherwise accuracies are agreement with the target's reading
+    /// of the originals).
+    pub labelled: bool,
+    /// Mean bits per pixel.
+    pub bpp: f64,
+    /// Mean PSNR of the full decodes.
+    pub psnr_full: f64,
+    /// Mean PSNR of the shielded decodes.
+    pub psnr_shielded: Option<f64>,
+    /// Mean MS-SSIM of the full decodes (over the images large enough).
+    pub ms_ssim_full: Option<f64>,
+    /// Mean MS-SSIM of the shielded decodes.
+    pub ms_ssim_shielded: Option<f64>,
+    /// Top-1 accuracy per version (see [`ImageResult::top5`]).
+    pub top1: std::collections::BTreeMap<String, f64>,
+    /// Top-5 accuracy per version.
+    pub top5: std::collections::BTreeMap<String, f64>,
+    /// Of the images the target gets right on the full decode, the share it gets wrong on the
+    /// shielded one (the paper's attack success rate).
+    pub attack_success_rate: Option<f64>,
+    /// Mean JPEG curve: `(quality, mean bpp, mean psnr)`.
+    pub jpeg: Vec<(u8, f64, f64)>,
+    /// PSNR of the mean JPEG curve, interpolated at the codec's mean bpp (None outside it).
+    pub jpeg_psnr_at_codec_bpp: Option<f64>,
+    /// Mean seconds to encode / decode an image.
+    pub encode_s: f64,
+    /// See `encode_s`.
+    pub decode_s: f64,
+}
+
+/// A finished evaluation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// Aggregates.
+    pub summary: Summary,
+    /// Per image.
+    pub images: Vec<ImageResult>,
+    /// Decodes kept for the grid: `(original, full, shielded)`.
+    #[serde(skip)]
+    pub kept: Vec<(RgbImage, RgbImage, Option<RgbImage>)>,
+}
+
+/// The versions of an image the target is asked about, in report order.
+pub const VERSIONS: [&str; 6] = [
+    "original",
+    "full",
+    "shielded",
+    "shielded+jpeg75",
+    "shielded+blur1",
+    "shielded+resize2x",
+];
+
+/// The purified versions of a shielded decode an attacker might try.
+pub fn purifications(img: &RgbImage) -> Result<Vec<(&'static str, RgbImage)>> {
+    let (w, h) = img.dimensions();
+    let jpeg = jpeg_roundtrip(img, 75)?.decoded;
+    let blur = image::imageops::blur(img, 1.0);
+    let small = image::imageops::resize(
+        img,
+        (w / 2).max(1),
+        (h / 2).max(1),
+        image::imageops::FilterType::Triangle,
+    );
+    let resized = image::imageops::resize(&small, w, h, image::imageops::FilterType::Triangle);
+    Ok(vec![
+        ("shielded+jpeg75", jpeg),
+        ("shielded+blur1", blur),
+        ("shielded+resize2x", resized),
+    ])
+}
+
+fn top5_of(target: &dyn SemanticTarget, img: &RgbImage) -> Result<Vec<usize>> {
+    let x = crate::image_io::image_to_tensor(img, target.device())?;
+    Ok(target.classify(&x, 5)?.remove(0))
+}
+
+/// Evaluates `codec` on `images`; `target` adds the semantic figures. `progress(done, total)`
+/// is called before the first image and after each.
+pub fn evaluate(
+    codec: &Codec,
+    images: &[EvalImage],
+    target: Option<&dyn SemanticTarget>,
+    cfg: &EvalConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    let conditions = codec.conditions();
+    let mut report = Report::default();
+    progress(0, images.len());
+    for (i, item) in images.iter().enumerate() {
+        let img = &item.image;
+        let t = Instant::now();
+        let bytes = codec.encode(img)?;
+        let encode_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let latent = codec.decode_latent(&bytes)?;
+        let full_condition = conditions.map(|c| c.full).unwrap_or(Condition::FULL);
+        let full = crate::image_io::tensor_to_image(&codec.synthesize(&latent, &full_condition)?)?;
+        let decode_s = t.elapsed().as_secs_f64();
+        let shielded = match conditions {
+            Some(c) => Some(crate::image_io::tensor_to_image(
+                &codec.synthesize(&latent, &c.shielded)?,
+            )?),
+            None => None,
+        };
+        let (w, h) = img.dimensions();
+        let mut r = ImageResult {
+            name: item.name.clone(),
+            size: (w, h),
+            bytes: bytes.len(),
+            bpp: bytes.len() as f64 * 8.0 / (w as f64 * h as f64),
+            psnr_full: psnr(img, &full)?,
+            psnr_shielded: shielded.as_ref().map(|s| psnr(img, s)).transpose()?,
+            ms_ssim_full: ms_ssim(img, &full).ok(),
+            ms_ssim_shielded: shielded.as_ref().and_then(|s| ms_ssim(img, s).ok()),
+            encode_s,
+            decode_s,
+            label: item.label,
+            ..Default::default()
+        };
+        if let Some(target) = target {
+            let original = top5_of(target, img)?;
+            r.label = item.label.or(Some(original[0]));
+            r.top5.insert("original".into(), original);
+            r.top5.insert("full".into(), top5_of(target, &full)?);
+            if let Some(s) = &shielded {
+                r.top5.insert("shielded".into(), top5_of(target, s)?);
+                if cfg.purify {
+                    for (name, p) in purifications(s)? {
+                        r.top5.insert(name.into(), top5_of(target, &p)?);
+                    }
+                }
+            }
+        }
+        for &q in &cfg.jpeg_qualities {
+            let j = jpeg_roundtrip(img, q)?;
+            r.jpeg.push((q, j.bpp, psnr(img, &j.decoded)?));
+        }
+        if i < cfg.keep_images {
+            report.kept.push((img.clone(), full, shielded));
+        }
+        report.images.push(r);
+        progress(i + 1, images.len());
+    }
+    report.summary = summarize(&report.images, images.iter().all(|i| i.label.is_some()));
+    Ok(report)
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+/// The aggregates of per-image results.
+pub fn summarize(images: &[ImageResult], labelled: bool) -> Summary {
+    let mut s = Summary {
+        images: images.len(),
+        labelled,
+        bpp: mean(images.iter().map(|r| r.bpp)).unwrap_or(0.0),
+        psnr_full: mean(images.iter().map(|r| r.psnr_full)).unwrap_or(0.0),
+        psnr_shielded: mean(images.iter().filter_map(|r| r.psnr_shielded)),
+        ms_ssim_full: mean(images.iter().filter_map(|r| r.ms_ssim_full)),
+        ms_ssim_shielded: mean(images.iter().filter_map(|r| r.ms_ssim_shielded)),
+        encode_s: mean(images.iter().map(|r| r.encode_s)).unwrap_or(0.0),
+        decode_s: mean(images.iter().map(|r| r.decode_s)).unwrap_or(0.0),
+        ..Default::default()
+    };
+    let versions: std::collections::BTreeSet<&String> =
+        images.iter().flat_map(|r| r.top5.keys()).collect();
+    for v in versions {
+        let rows: Vec<(&Vec<usize>, usize)> = images
+            .iter()
+            .filter_map(|r| Some((r.top5.get(v)?, r.label?)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let n = rows.len() as f64;
+        let top1 = rows.iter().filter(|(p, l)| p.first() == Some(l)).count() as f64 / n;
+        let top5 = rows.iter().filter(|(p, l)| p.contains(l)).count() as f64 / n;
+        s.top1.insert(v.clone(), top1);
+        s.top5.insert(v.clone(), top5);
+    }
+    let right = |r: &ImageResult, v: &str| -> Option<bool> {
+        Some(r.top5.get(v)?.first() == Some(&r.label?))
+    };
+    let full_right: Vec<&ImageResult> = images
+        .iter()
+        .filter(|r| right(r, "full") == Some(true) && right(r, "shielded").is_some())
+        .collect();
+    if !full_right.is_empty() {
+        let flipped = full_right
+            .iter()
+            .filter(|r| right(r, "shielded") == Some(false))
+            .count();
+        s.attack_success_rate = Some(flipped as f64 / full_right.len() as f64);
+    }
+    // Mean JPEG curve over the images, per quality.
+    if let Some(first) = images.first() {
+        for (k, &(q, _, _)) in first.jpeg.iter().enumerate() {
+            let pts: Vec<(f64, f64)> = images
+                .iter()
+                .filter_map(|r| r.jpeg.get(k).map(|&(_, b, p)| (b, p)))
+                .collect();
+            let n = pts.len() as f64;
+            s.jpeg.push((
+                q,
+                pts.iter().map(|p| p.0).sum::<f64>() / n,
+                pts.iter().map(|p| p.1).sum::<f64>() / n,
+            ));
+        }
+    }
+    let curve: Vec<(f64, f64)> = s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect();
+    s.jpeg_psnr_at_codec_bpp = interpolate_psnr_at(&curve, s.bpp);
+    s
+}
+
+/// Loads the images of a folder for evaluation (`part` of the name-hash split, or every image
+/// when `None`), with labels from its `labels.json`; at most `limit` images.
+pub fn load_images(
+    dir: &std::path::Path,
+    part: Option<(crate::data::Split, u32)>,
+    limit: Option<usize>,
+) -> Result<Vec<EvalImage>> {
+    let folder = crate::data::ImageFolder::open(dir)?;
+    let files = match part {
+        Some((split, pct)) => folder.part(split, pct),
+        None => folder.files.clone(),
+    };
+    files
+        .iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|f| {
+            Ok(EvalImage {
+                name: f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                image: crate::image_io::load_image(f)?,
+                label: folder.label(f),
+            })
+        })
+        .collect()
+}
+
+/// Side by side, per kept image: original | full | shielded, each scaled to `tile` pixels wide,
+/// 4 white pixels between tiles.
+pub fn comparison_grid(kept: &[(RgbImage, RgbImage, Option<RgbImage>)], tile: u32) -> RgbImage {
+    let gap = 4;
+    let scale = |img: &RgbImage| {
+        let (w, h) = img.dimensions();
+        let th = ((h as u64 * tile as u64) / w.max(1) as u64).max(1) as u32;
+        image::imageops::resize(img, tile, th, image::imageops::FilterType::Triangle)
+    };
+    let rows: Vec<Vec<RgbImage>> = kept
+        .iter()
+        .map(|(o, f, s)| {
+            let mut row = vec![scale(o), scale(f)];
+            if let Some(s) = s {
+                row.push(scale(s));
+            }
+            row
+        })
+        .collect();
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let height: u32 = rows.iter().map(|r| r[0].height() + gap).sum::<u32>();
+    let mut canvas = RgbImage::from_pixel(
+        (cols * (tile + gap)).saturating_sub(gap).max(1),
+        height.saturating_sub(gap).max(1),
+        image::Rgb([255, 255, 255]),
+    );
+    let mut y = 0;
+    for row in &rows {
+        for (c, t) in row.iter().enumerate() {
+            image::imageops::replace(&mut canvas, t, (c as u32 * (tile + gap)) as i64, y as i64);
+        }
+        y += row[0].height() + gap;
+    }
+    canvas
+}
+
+/// The report as Markdown: what was measured, the aggregate table, the accuracy table.
+pub fn markdown(report: &Report, title: &str, command: &str) -> String {
+    let s = &report.summary;
+    let opt = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "–".to_string(),
+    };
+    let mut md = format!(
+        "# {title}\n\nMade by:\n\n```sh\n{command}\n```\n\n{} images. Bits per pixel from the real \
+         bitstream sizes; PSNR over RGB (peak 255), MS-SSIM 5-scale (images of at least 161 px a \
+         side).\n\n",
+        s.images
+    );
+    md += "| | bpp | PSNR (dB) | MS-SSIM | encode (s) | decode (s) |\n| --- | --- | --- | --- | --- | --- |\n";
+    md += &format!(
+        "| full decode | {:.4} | {:.2} | {} | {:.2} | {:.2} |\n",
+        s.bpp,
+        s.psnr_full,
+        opt(s.ms_ssim_full, 4),
+        s.encode_s,
+        s.decode_s
+    );
+    if let Some(p) = s.psnr_shielded {
+        md += &format!(
+            "| shielded decode | {:.4} | {p:.2} | {} | | |\n",
+            s.bpp,
+            opt(s.ms_ssim_shielded, 4)
+        );
+    }
+    if !s.jpeg.is_empty() {
+        md += &format!(
+            "\nJPEG (the `image` crate's encoder) at the codec's bpp, interpolated on the mean \
+             curve: {} dB, so the full decode is {} dB {}.\n\n| JPEG quality | bpp | PSNR (dB) |\n| --- | --- | --- |\n",
+            opt(s.jpeg_psnr_at_codec_bpp, 2),
+            opt(s.jpeg_psnr_at_codec_bpp.map(|j| (s.psnr_full - j).abs()), 2),
+            match s.jpeg_psnr_at_codec_bpp {
+                Some(j) if s.psnr_full >= j => "above JPEG",
+                Some(_) => "below JPEG",
+                None => "from it (outside the curve)",
+            }
+        );
+        for (q, b, p) in &s.jpeg {
+            md += &format!("| {q} | {b:.4} | {p:.2} |\n");
+        }
+    }
+    if !s.top1.is_empty() {
+        md += &format!(
+            "\nTarget accuracy ({}):\n\n| version | top-1 | top-5 |\n| --- | --- | --- |\n",
+            if s.labelled {
+                "against the labels"
+            } else {
+                "agreement with the target's top-1 on the originals"
+            }
+        );
+        for v in VERSIONS.iter().filter(|v| s.top1.contains_key(**v)) {
+            let a = s.top1[*v];
+            md += &format!(
+                "| {v} | {:.1}% | {:.1}% |\n",
+                100.0 * a,
+                100.0 * s.top5.get(*v).copied().unwrap_or(0.0)
+            );
+        }
+        if let Some(r) = s.attack_success_rate {
+            md += &format!(
+                "\nAttack success rate (of the images right on the full decode, the share wrong on \
+                 the shielded one): {:.1}%.\n",
+                100.0 * r
+            );
+        }
+    }
+    md
+}
+
+/// Writes `report.json`, `report.md`, `grid.png` (original | full | shielded of the kept
+/// images), `rd.png` (PSNR against bpp: the codec's decodes and the JPEG curve) and, with a
+/// target, `accuracy.png` (top-1 per version) into `dir`.
+pub fn write_report(
+    report: &Report,
+    dir: &std::path::Path,
+    title: &str,
+    command: &str,
+) -> Result<()> {
+    use crate::plot::{BarChart, LineChart, Series, PALETTE};
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let json = serde_json::json!({
+        "title": title,
+        "command": command,
+        "summary": report.summary,
+        "images": report.images,
+    });
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| crate::Error::InvalidArgument(format!("cannot serialise the report: {e}")))?;
+    crate::image_io::write_atomic(dir.join("report.json"), text.as_bytes())?;
+    crate::image_io::write_atomic(
+        dir.join("report.md"),
+        markdown(report, title, command).as_bytes(),
+    )?;
+    if !report.kept.is_empty() {
+        crate::image_io::save_png(dir.join("grid.png"), &comparison_grid(&report.kept, 256))?;
+    }
+    let s = &report.summary;
+    let mut series = vec![Series::new(
+        "full decode",
+        vec![(s.bpp, s.psnr_full)],
+        PALETTE[0],
+    )];
+    if let Some(p) = s.psnr_shielded {
+        series.push(Series::new("shielded decode", vec![(s.bpp, p)], PALETTE[1]));
+    }
+    if !s.jpeg.is_empty() {
+        series.push(Series::new(
+            "JPEG (image crate, 4:4:4)",
+            s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect(),
+            PALETTE[2],
+        ));
+    }
+    LineChart {
+        title: format!("{title}: rate-distortion"),
+        x_label: "bits per pixel".into(),
+        y_label: "PSNR (dB)".into(),
+        series,
+    }
+    .save_png(dir.join("rd.png"), 800, 500)?;
+    if !s.top1.is_empty() {
+        let groups = VERSIONS
+            .iter()
+            .filter_map(|v| {
+                let t1 = *s.top1.get(*v)?;
+                let t5 = s.top5.get(*v).copied().unwrap_or(0.0);
+                Some((
+                    v.replace("shielded+", "+"),
+                    vec![
+                        ("top-1".to_string(), 100.0 * t1),
+                        ("top-5".to_string(), 100.0 * t5),
+                    ],
+                ))
+            })
+            .collect();
+        BarChart {
+            title: format!("{title}: target accuracy"),
+            y_label: "%".into(),
+            groups,
+        }
+        .save_png(dir.join("accuracy.png"), 1000, 500)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(label: usize, full: usize, shielded: usize, bpp: f64) -> ImageResult {
+        ImageResult {
+            bpp,
+            psnr_full: 30.0,
+            psnr_shielded: Some(28.0),
+            label: Some(label),
+            top5: [
+                ("original".to_string(), vec![label, 1, 2, 3, 4]),
+                ("full".to_string(), vec![full, 9, 8, 7, label]),
+                ("shielded".to_string(), vec![shielded, 11, 12, 13, 14]),
+            ]
+            .into_iter()
+            .collect(),
+            jpeg: vec![(10, 0.2, 25.0), (50, 1.0, 33.0)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn summary_accuracies_and_attack_success_rate() {
+        // Labels 5, 6, 7, 8. Full decode right on 5, 6, 7; shielded right on 7 only.
+        let images = vec![
+            result(5, 5, 0, 0.4),
+            result(6, 6, 0, 0.6),
+            result(7, 7, 7, 0.4),
+            result(8, 0, 8, 0.6),
+        ];
+        let s = summarize(&images, true);
+        assert_eq!(s.top1["original"], 1.0);
+        assert_eq!(s.top1["full"], 0.75);
+        assert_eq!(s.top1["shielded"], 0.5);
+        // The label is 5th in every full top-5 list.
+        assert_eq!(s.top5["full"], 1.0);
+        // Of the 3 right on the full decode, 2 are wrong on the shielded one.
+        assert!((s.attack_success_rate.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((s.bpp - 0.5).abs() < 1e-12);
+        // JPEG mean curve (0.2, 25) - (1.0, 33): at 0.5 bpp, 25 + 8 * 0.3 / 0.8 = 28.
+        assert!((s.jpeg_psnr_at_codec_bpp.unwrap() - 28.0).abs() < 1e-9);
+        let md = markdown(
+            &Report {
+                summary: s,
+                ..Default::default()
+            },
+            "t",
+            "cmd",
+        );
+        assert!(md.contains("| full | 75.0% | 100.0% |"), "{md}");
+        assert!(md.contains("66.7%"), "{md}");
+    }
+
+    #[test]
+    fn grid_and_purifications_keep_sizes() {
+        let img = RgbImage::from_fn(64, 40, |x, y| image::Rgb([x as u8 * 4, y as u8 * 6, 7]));
+        let kept = vec![(img.clone(), img.clone(), Some(img.clone())); 2];
+        let g = comparison_grid(&kept, 32);
+        // 3 tiles of 32 + 2 gaps; 2 rows of 20 + 1 gap.
+        assert_eq!(g.dimensions(), (3 * 32 + 8, 2 * 20 + 4));
+        for (name, p) in purifications(&img).unwrap() {
+            assert_eq!(p.dimensions(), img.dimensions(), "{name}");
+        }
+    }
+
+    #[test]
+    fn evaluates_a_tiny_codec_end_to_end() {
+        let arch =
+            crate::model::Architecture::ScaleHyperprior(crate::backbone::ScaleHyperpriorConfig {
+                n: 8,
+                m: 12,
+            });
+        let model = crate::ModelFile::initialize(arch, 1, &candle_core::Device::Cpu)
+            .unwrap()
+            .with_new_cltg(2, &candle_core::Device::Cpu)
+            .unwrap();
+        let codec = Codec::from_model_file(&model, &candle_core::Device::Cpu).unwrap();
+        let images: Vec<EvalImage> = (0..2)
+            .map(|i| EvalImage {
+                name: format!("{i}.png"),
+                image: RgbImage::from_fn(70, 50, |x, y| image::Rgb([x as u8, y as u8, i * 80])),
+                label: None,
+            })
+            .collect();
+        let cfg = EvalConfig {
+            jpeg_qualities: vec![20, 80],
+            ..Default::default()
+        };
+        let mut calls = vec![];
+        let r = evaluate(&codec, &images, None, &cfg, |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(calls, vec![(0, 2), (1, 2), (2, 2)]);
+        assert_eq!(r.images.len(), 2);
+        let first = &r.images[0];
+        // bpp from the real stream size.
+        assert!((first.bpp - first.bytes as f64 * 8.0 / 3500.0).abs() < 1e-12);
+        assert!(first.psnr_shielded.is_some() && first.ms_ssim_full.is_none());
+        assert_eq!(r.summary.jpeg.len(), 2);
+        assert_eq!(r.kept.len(), 2);
+        let dir = std::env::temp_dir().join(format!("psic-eval-{}", std::process::id()));
+        write_report(&r, &dir, "tiny", "cmd").unwrap();
+        for f in ["report.json", "report.md", "grid.png", "rd.png"] {
+            assert!(dir.join(f).exists(), "{f}");
+        }
+        assert!(!dir.join("accuracy.png").exists());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
