@@ -46,6 +46,9 @@ pub struct ImageFolder {
     pub files: Vec<PathBuf>,
     /// Class index per file name, when labelled.
     pub labels: Option<BTreeMap<String, usize>>,
+    /// Caption per file name, from `captions.json` (`{"file.jpg": "a caption", ...}`; a list
+    /// of captions gives the first), when the folder has one.
+    pub captions: Option<BTreeMap<String, String>>,
 }
 
 fn file_name(p: &Path) -> String {
@@ -95,7 +98,43 @@ impl ImageFolder {
         } else {
             None
         };
-        Ok(Self { files, labels })
+        let captions_path = dir.join("captions.json");
+        let captions = if captions_path.exists() {
+            let text = std::fs::read_to_string(&captions_path)
+                .map_err(|e| Error::io(&captions_path, e))?;
+            let json: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", captions_path.display())))?;
+            let mut map = BTreeMap::new();
+            for (name, v) in json {
+                let caption = match &v {
+                    serde_json::Value::String(c) => Some(c.clone()),
+                    serde_json::Value::Array(list) => {
+                        list.first().and_then(|c| c.as_str()).map(str::to_string)
+                    }
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{}: {name} has no caption string",
+                        captions_path.display()
+                    ))
+                })?;
+                map.insert(name, caption);
+            }
+            Some(map)
+        } else {
+            None
+        };
+        Ok(Self {
+            files,
+            labels,
+            captions,
+        })
+    }
+
+    /// The caption of a file, when the folder has captions.
+    pub fn caption(&self, path: &Path) -> Option<String> {
+        self.captions.as_ref()?.get(&file_name(path)).cloned()
     }
 
     /// The files of one part of the split.
@@ -113,12 +152,24 @@ impl ImageFolder {
     }
 }
 
+/// A batch of crops with what is known about each.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, 3, crop, crop]` in `[0, 1]`.
+    pub images: Tensor,
+    /// Class label of each crop's image.
+    pub labels: Vec<Option<usize>>,
+    /// Caption of each crop's image.
+    pub captions: Vec<Option<String>>,
+}
+
 /// Random `crop`x`crop` patches with random horizontal flips from a set of images, reproducible
 /// from a seed. Images are decoded once and kept in memory.
 #[derive(Debug)]
 pub struct CropSampler {
     images: Vec<RgbImage>,
     labels: Vec<Option<usize>>,
+    captions: Vec<Option<String>>,
     crop: u32,
     rng: SplitMix64,
 }
@@ -148,6 +199,7 @@ impl CropSampler {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             labels: vec![None; images.len()],
+            captions: vec![None; images.len()],
             images,
             crop,
             rng: SplitMix64::new(seed),
@@ -165,6 +217,20 @@ impl CropSampler {
             )));
         }
         self.labels = labels;
+        Ok(self)
+    }
+
+    /// Attaches a caption (or `None`) to each image, in the order of the files given to
+    /// [`new`](Self::new).
+    pub fn with_captions(mut self, captions: Vec<Option<String>>) -> Result<Self> {
+        if captions.len() != self.images.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} captions for {} images",
+                captions.len(),
+                self.images.len()
+            )));
+        }
+        self.captions = captions;
         Ok(self)
     }
 
@@ -190,12 +256,21 @@ impl CropSampler {
         batch: usize,
         device: &Device,
     ) -> Result<(Tensor, Vec<Option<usize>>)> {
+        let b = self.next_annotated_batch(batch, device)?;
+        Ok((b.images, b.labels))
+    }
+
+    /// The next batch with the label and the caption of each crop (the same draws as
+    /// [`next_batch`](Self::next_batch)).
+    pub fn next_annotated_batch(&mut self, batch: usize, device: &Device) -> Result<Batch> {
         let mut labels = Vec::with_capacity(batch);
+        let mut captions = Vec::with_capacity(batch);
         let c = self.crop as usize;
         let mut data = vec![0f32; batch * 3 * c * c];
         for b in 0..batch {
             let pick = (self.rng.next_u64() % self.images.len() as u64) as usize;
             labels.push(self.labels[pick]);
+            captions.push(self.captions[pick].clone());
             let img = &self.images[pick];
             let x0 = (self.rng.next_u64() % (img.width() - self.crop + 1) as u64) as u32;
             let y0 = (self.rng.next_u64() % (img.height() - self.crop + 1) as u64) as u32;
@@ -210,7 +285,11 @@ impl CropSampler {
                 }
             }
         }
-        Ok((Tensor::from_vec(data, (batch, 3, c, c), device)?, labels))
+        Ok(Batch {
+            images: Tensor::from_vec(data, (batch, 3, c, c), device)?,
+            labels,
+            captions,
+        })
     }
 }
 

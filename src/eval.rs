@@ -27,6 +27,9 @@ pub struct EvalImage {
     pub image: RgbImage,
     /// Class label, when known.
     pub label: Option<usize>,
+    /// Caption, when known (with a text-reading target, the set is evaluated as image-text
+    /// retrieval).
+    pub caption: Option<String>,
 }
 
 /// Settings of an evaluation.
@@ -107,6 +110,10 @@ pub struct Summary {
     /// Of the images the target gets right on the full decode, the share it gets wrong on the
     /// shielded one (the paper's attack success rate).
     pub attack_success_rate: Option<f64>,
+    /// Image-text retrieval mode (captioned images and a text-reading target such as CLIP):
+    /// then `top1`/`top5` are image-to-text R@1/R@5 over the set's captions, and this holds
+    /// text-to-image `(R@1, R@5)` per version.
+    pub text_to_image: std::collections::BTreeMap<String, (f64, f64)>,
     /// Mean JPEG curve: `(quality, mean bpp, mean psnr)`.
     pub jpeg: Vec<(u8, f64, f64)>,
     /// PSNR of the mean JPEG curve, interpolated at the codec's mean bpp (None outside it).
@@ -158,9 +165,52 @@ pub fn purifications(img: &RgbImage) -> Result<Vec<(&'static str, RgbImage)>> {
     ])
 }
 
-fn top5_of(target: &dyn SemanticTarget, img: &RgbImage) -> Result<Vec<usize>> {
+/// What the target is asked: its classes, or (retrieval mode) the set's captions.
+enum Reading<'a> {
+    Classes,
+    Captions(&'a candle_core::Tensor),
+}
+
+/// Top-5 of an image and, in retrieval mode, its scores against every caption.
+fn read(
+    target: &dyn SemanticTarget,
+    reading: &Reading,
+    img: &RgbImage,
+) -> Result<(Vec<usize>, Option<Vec<f32>>)> {
     let x = crate::image_io::image_to_tensor(img, target.device())?;
-    Ok(target.classify(&x, 5)?.remove(0))
+    match reading {
+        Reading::Classes => Ok((target.classify(&x, 5)?.remove(0), None)),
+        Reading::Captions(captions) => {
+            let e = target.embed_images(&target.preprocess(&x)?)?;
+            let scores = target.caption_logits(&e, captions)?;
+            let k = scores.dim(1)?.min(5);
+            let top = crate::targets::top_k(&scores, k)?.remove(0);
+            let row = scores
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            Ok((top, Some(row)))
+        }
+    }
+}
+
+/// Text-to-image `(R@1, R@5)` from image-by-caption scores (`scores[i][j]`, image `i`'s own
+/// caption is `j = i`).
+pub fn text_to_image_recall(scores: &[Vec<f32>]) -> (f64, f64) {
+    let n = scores.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let (mut r1, mut r5) = (0usize, 0usize);
+    for (j, row) in scores.iter().enumerate() {
+        let own = row[j];
+        // Rank of the own image among all images for caption j (ties count against it).
+        let better = (0..n).filter(|&i| i != j && scores[i][j] >= own).count();
+        r1 += usize::from(better == 0);
+        r5 += usize::from(better < 5);
+    }
+    (r1 as f64 / n as f64, r5 as f64 / n as f64)
 }
 
 /// Evaluates `codec` on `images`; `target` adds the semantic figures. `progress(done, total)`
@@ -174,6 +224,17 @@ pub fn evaluate(
 ) -> Result<Report> {
     let conditions = codec.conditions();
     let mut report = Report::default();
+    // Retrieval mode when every image has a caption and the target reads text.
+    let all_captions: Option<Vec<&str>> = images.iter().map(|i| i.caption.as_deref()).collect();
+    let caption_embeddings = match (target, &all_captions) {
+        (Some(t), Some(c)) => t.embed_captions(c)?,
+        _ => None,
+    };
+    let reading = match &caption_embeddings {
+        Some(c) => Reading::Captions(c),
+        None => Reading::Classes,
+    };
+    let mut rows: std::collections::BTreeMap<String, Vec<Vec<f32>>> = Default::default();
     progress(0, images.len());
     for (i, item) in images.iter().enumerate() {
         let img = &item.image;
@@ -207,18 +268,29 @@ pub fn evaluate(
             ..Default::default()
         };
         if let Some(target) = target {
-            let original = top5_of(target, img)?;
-            r.label = item.label.or(Some(original[0]));
-            r.top5.insert("original".into(), original);
-            r.top5.insert("full".into(), top5_of(target, &full)?);
+            let mut versions: Vec<(String, RgbImage)> = vec![
+                ("original".into(), img.clone()),
+                ("full".into(), full.clone()),
+            ];
             if let Some(s) = &shielded {
-                r.top5.insert("shielded".into(), top5_of(target, s)?);
+                versions.push(("shielded".into(), s.clone()));
                 if cfg.purify {
                     for (name, p) in purifications(s)? {
-                        r.top5.insert(name.into(), top5_of(target, &p)?);
+                        versions.push((name.into(), p));
                     }
                 }
             }
+            for (name, v) in versions {
+                let (top5, row) = read(target, &reading, &v)?;
+                if let Some(row) = row {
+                    rows.entry(name.clone()).or_default().push(row);
+                }
+                r.top5.insert(name, top5);
+            }
+            r.label = match reading {
+                Reading::Captions(_) => Some(i),
+                Reading::Classes => item.label.or(Some(r.top5["original"][0])),
+            };
         }
         for &q in &cfg.jpeg_qualities {
             let j = jpeg_roundtrip(img, q)?;
@@ -230,7 +302,14 @@ pub fn evaluate(
         report.images.push(r);
         progress(i + 1, images.len());
     }
-    report.summary = summarize(&report.images, images.iter().all(|i| i.label.is_some()));
+    let labelled = images.iter().all(|i| i.label.is_some()) || !rows.is_empty();
+    report.summary = summarize(&report.images, labelled);
+    for (version, scores) in rows {
+        report
+            .summary
+            .text_to_image
+            .insert(version, text_to_image_recall(&scores));
+    }
     Ok(report)
 }
 
@@ -326,6 +405,7 @@ pub fn load_images(
                     .unwrap_or_default(),
                 image: crate::image_io::load_image(f)?,
                 label: folder.label(f),
+                caption: folder.caption(f),
             })
         })
         .collect()
@@ -415,7 +495,9 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
     if !s.top1.is_empty() {
         md += &format!(
             "\nTarget accuracy ({}):\n\n| version | top-1 | top-5 |\n| --- | --- | --- |\n",
-            if s.labelled {
+            if !s.text_to_image.is_empty() {
+                "image-to-text retrieval"
+            } else if s.labelled {
                 "against the labels"
             } else {
                 "agreement with the target's top-1 on the originals"
@@ -428,6 +510,16 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
                 100.0 * a,
                 100.0 * s.top5.get(*v).copied().unwrap_or(0.0)
             );
+        }
+        if !s.text_to_image.is_empty() {
+            md += &format!(
+                "\nImage-text retrieval over the set's {} captions: the table above is \
+                 image-to-text R@1 / R@5; text-to-image:\n\n| version | R@1 | R@5 |\n| --- | --- | --- |\n",
+                s.images
+            );
+            for (v, (r1, r5)) in &s.text_to_image {
+                md += &format!("| {v} | {:.1}% | {:.1}% |\n", 100.0 * r1, 100.0 * r5);
+            }
         }
         if let Some(r) = s.attack_success_rate {
             md += &format!(
@@ -570,6 +662,99 @@ mod tests {
     }
 
     #[test]
+    fn text_to_image_recall_by_hand() {
+        // Caption 0: image 0 scores highest -> rank 1. Caption 1: image 0 beats image 1 -> rank 2.
+        // Caption 2: a tie with image 0 counts against it -> rank 2.
+        let scores = vec![
+            vec![0.9, 0.8, 0.5],
+            vec![0.1, 0.7, 0.2],
+            vec![0.3, 0.2, 0.5],
+        ];
+        let (r1, r5) = text_to_image_recall(&scores);
+        assert!((r1 - 1.0 / 3.0).abs() < 1e-12 && r5 == 1.0);
+    }
+
+    /// Reads the mean colour of an image; captions "red", "green", "blue" are the axes.
+    #[derive(Debug)]
+    struct ColourTarget(candle_core::Device);
+
+    impl SemanticTarget for ColourTarget {
+        fn device(&self) -> &candle_core::Device {
+            &self.0
+        }
+        fn preprocess(&self, images: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+            Ok(images.clone())
+        }
+        fn embed_images(&self, input: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+            Ok(input.mean((2, 3))?)
+        }
+        fn class_embeddings(&self) -> Result<candle_core::Tensor> {
+            Ok(candle_core::Tensor::eye(
+                3,
+                candle_core::DType::F32,
+                &self.0,
+            )?)
+        }
+        fn logit_scale(&self) -> f32 {
+            10.0
+        }
+        fn logits_from_embeddings(&self, e: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+            Ok(e.matmul(&self.class_embeddings()?.t()?)?)
+        }
+        fn embed_captions(&self, captions: &[&str]) -> Result<Option<candle_core::Tensor>> {
+            let rows: Vec<f32> = captions
+                .iter()
+                .flat_map(|c| match *c {
+                    "red" => [1.0, 0.0, 0.0],
+                    "green" => [0.0, 1.0, 0.0],
+                    _ => [0.0, 0.0, 1.0],
+                })
+                .collect();
+            Ok(Some(candle_core::Tensor::from_vec(
+                rows,
+                (captions.len(), 3),
+                &self.0,
+            )?))
+        }
+    }
+
+    #[test]
+    fn captioned_images_are_evaluated_as_retrieval() {
+        let arch =
+            crate::model::Architecture::ScaleHyperprior(crate::backbone::ScaleHyperpriorConfig {
+                n: 8,
+                m: 12,
+            });
+        let model = crate::ModelFile::initialize(arch, 1, &candle_core::Device::Cpu).unwrap();
+        let codec = Codec::from_model_file(&model, &candle_core::Device::Cpu).unwrap();
+        let colours = [
+            ("red", [230, 20, 20]),
+            ("green", [20, 230, 20]),
+            ("blue", [20, 20, 230]),
+        ];
+        let images: Vec<EvalImage> = colours
+            .iter()
+            .map(|(c, rgb)| EvalImage {
+                name: format!("{c}.png"),
+                image: RgbImage::from_pixel(64, 64, image::Rgb(*rgb)),
+                label: None,
+                caption: Some(c.to_string()),
+            })
+            .collect();
+        let cfg = EvalConfig {
+            jpeg_qualities: vec![],
+            ..Default::default()
+        };
+        let target = ColourTarget(candle_core::Device::Cpu);
+        let r = evaluate(&codec, &images, Some(&target), &cfg, |_, _| {}).unwrap();
+        // Originals: every image retrieves its own caption and vice versa.
+        assert_eq!(r.summary.top1["original"], 1.0);
+        assert_eq!(r.summary.text_to_image["original"], (1.0, 1.0));
+        assert_eq!(r.images[1].label, Some(1));
+        assert!(markdown(&r, "t", "c").contains("text-to-image"));
+    }
+
+    #[test]
     fn grid_and_purifications_keep_sizes() {
         let img = RgbImage::from_fn(64, 40, |x, y| image::Rgb([x as u8 * 4, y as u8 * 6, 7]));
         let kept = vec![(img.clone(), img.clone(), Some(img.clone())); 2];
@@ -598,6 +783,7 @@ mod tests {
                 name: format!("{i}.png"),
                 image: RgbImage::from_fn(70, 50, |x, y| image::Rgb([x as u8, y as u8, i * 80])),
                 label: None,
+                caption: None,
             })
             .collect();
         let cfg = EvalConfig {

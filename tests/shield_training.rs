@@ -169,3 +169,121 @@ fn shielded_decode_loses_the_targets_reading_and_the_full_decode_keeps_it() {
     assert_ne!(a, b);
     std::fs::remove_dir_all(&data).ok();
 }
+
+/// Reads the mean colour of an image; captions name a colour.
+#[derive(Debug)]
+struct ColourTarget(Device);
+
+impl SemanticTarget for ColourTarget {
+    fn device(&self) -> &Device {
+        &self.0
+    }
+    fn preprocess(&self, images: &Tensor) -> psic::Result<Tensor> {
+        Ok(images.clone())
+    }
+    fn embed_images(&self, input: &Tensor) -> psic::Result<Tensor> {
+        Ok((input.mean((2, 3))? - 0.5)?)
+    }
+    fn class_embeddings(&self) -> psic::Result<Tensor> {
+        Ok(Tensor::eye(3, candle_core::DType::F32, &self.0)?)
+    }
+    fn logit_scale(&self) -> f32 {
+        10.0
+    }
+    fn logits_from_embeddings(&self, e: &Tensor) -> psic::Result<Tensor> {
+        Ok(e.matmul(&self.class_embeddings()?.t()?)?)
+    }
+    fn embed_captions(&self, captions: &[&str]) -> psic::Result<Option<Tensor>> {
+        let rows: Vec<f32> = captions
+            .iter()
+            .flat_map(|c| match *c {
+                "a red picture" => [1.0, -0.5, -0.5],
+                "a green picture" => [-0.5, 1.0, -0.5],
+                _ => [-0.5, -0.5, 1.0],
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(rows, (captions.len(), 3), &self.0)?))
+    }
+}
+
+#[test]
+fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
+    let dir = std::env::temp_dir().join(format!("psic-shield-captions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let colours = [
+        ("red", [220u8, 40, 40]),
+        ("green", [40, 220, 40]),
+        ("blue", [40, 40, 220]),
+    ];
+    let mut captions = serde_json::Map::new();
+    for i in 0..12u32 {
+        let (name, rgb) = colours[i as usize % 3];
+        let file = format!("{name}{i:02}.png");
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            let t = ((x + y + i) % 16) as u8;
+            image::Rgb([rgb[0] - t, rgb[1] - t, rgb[2] - t])
+        })
+        .save(dir.join(&file))
+        .unwrap();
+        captions.insert(file, serde_json::json!(format!("a {name} picture")));
+    }
+    std::fs::write(
+        dir.join("captions.json"),
+        serde_json::Value::Object(captions).to_string(),
+    )
+    .unwrap();
+    let dev = Device::Cpu;
+    let plain = dir.join("plain.safetensors");
+    let arch = psic::model::Architecture::ScaleHyperprior(psic::backbone::ScaleHyperpriorConfig {
+        n: 8,
+        m: 12,
+    });
+    psic::ModelFile::initialize(arch, 3, &dev)
+        .unwrap()
+        .save(&plain)
+        .unwrap();
+    let cfg: TrainConfig = toml::from_str(&format!(
+        r#"
+        stage = 1
+        init = {plain:?}
+        data = {dir:?}
+        eval_percent = 0
+        crop = 64
+        batch = 3
+        steps = 10
+        lr = 1e-3
+        seed = 5
+        [shield]
+        target = "colour"
+        weights = "none"
+        lambda_full = 0.01
+        lambda_shielded = 0.01
+        lambda_shield = 1.0
+        "#
+    ))
+    .unwrap();
+    let mut a = Trainer::with_target(cfg, &dev, Some(Box::new(ColourTarget(dev.clone())))).unwrap();
+    let first = a.step().unwrap();
+    // Caption mode: the split is over the batch's own 3 captions.
+    let split = first.clean_count.unwrap();
+    assert!(split <= 3 && first.loss.is_finite());
+    assert!(first.clean.is_some() || first.noisy.is_some());
+    let ckpt = dir.join("ckpt.safetensors");
+    a.save_checkpoint(&ckpt).unwrap();
+    let next_a: Vec<_> = (0..2).map(|_| a.step().unwrap()).collect();
+    let mut b = Trainer::resume_with_target(
+        &ckpt,
+        &dev,
+        |_| {},
+        Some(Box::new(ColourTarget(dev.clone()))),
+    )
+    .unwrap();
+    let next_b: Vec<_> = (0..2).map(|_| b.step().unwrap()).collect();
+    for (x, y) in next_a.iter().zip(&next_b) {
+        assert_eq!(
+            (x.step, x.loss.to_bits(), x.psnr_shielded.map(f32::to_bits)),
+            (y.step, y.loss.to_bits(), y.psnr_shielded.map(f32::to_bits))
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -786,6 +786,11 @@ impl SemanticTarget for Clip {
             .forward(&self.pooled_image_features(input)?)?)
     }
 
+    /// Projected text embeddings `[N, P]` of free-text captions, not normalised.
+    fn embed_captions(&self, captions: &[&str]) -> Result<Option<Tensor>> {
+        Ok(Some(self.embed_texts(captions)?))
+    }
+
     /// Projected text embeddings `[K, P]` of the caption set, not normalised.
     fn class_embeddings(&self) -> Result<Tensor> {
         Ok(self.caption_set()?.embeddings.clone())

@@ -74,6 +74,18 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
     /// twice.
     fn logits_from_embeddings(&self, embeddings: &Tensor) -> Result<Tensor>;
 
+    /// Embeddings `[N, D]` of free-text captions, for targets that read text (CLIP); `None`
+    /// (the default) for classifiers, whose only "captions" are their classes.
+    fn embed_captions(&self, _captions: &[&str]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Scores `[B, N]` of image embeddings against caption embeddings from
+    /// [`embed_captions`](Self::embed_captions): `logit_scale · cos`, as CLIP scores them.
+    fn caption_logits(&self, embeddings: &Tensor, captions: &Tensor) -> Result<Tensor> {
+        Ok((crate::train::uaeo::cosine_matrix(embeddings, captions)? * self.logit_scale() as f64)?)
+    }
+
     /// Class scores `[B, K]` of preprocessed input.
     fn logits(&self, input: &Tensor) -> Result<Tensor> {
         self.logits_from_embeddings(&self.embed_images(input)?)

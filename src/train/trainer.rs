@@ -419,8 +419,10 @@ impl Trainer {
             )));
         }
         let labels = files.iter().map(|f| folder.label(f)).collect();
+        let captions = files.iter().map(|f| folder.caption(f)).collect();
         let sampler = crate::data::CropSampler::new(&files, cfg.crop, cfg.seed ^ 0x5eed)?
-            .with_labels(labels)?;
+            .with_labels(labels)?
+            .with_captions(captions)?;
         let validation = if cfg.validate_every > 0 {
             let eval: Vec<PathBuf> = folder
                 .part(crate::data::Split::Eval, cfg.eval_percent)
@@ -526,9 +528,13 @@ impl Trainer {
             .shield
             .clone()
             .expect("checked in TrainConfig::check");
-        let (x, labels) = self
+        let crate::data::Batch {
+            images: x,
+            labels,
+            captions,
+        } = self
             .sampler
-            .next_labelled_batch(self.cfg.batch, &self.device)?;
+            .next_annotated_batch(self.cfg.batch, &self.device)?;
         let b = x.dim(0)?;
         let (mut y_tilde, bpp) = self.latent(&x)?;
         if self.cfg.stage == 2 {
@@ -557,26 +563,48 @@ impl Trainer {
             * (0.5 * 255.0 * 255.0))?;
 
         let target = self.target.as_ref().expect("stages 1-2 have a target");
-        let captions = target.class_embeddings()?;
         let e_orig = target.embed_images(&target.preprocess(&x)?)?.detach();
-        let scores_orig = (cosine_matrix(&e_orig, &captions)? * shield.uaeo.score_scale)?;
-        let own: Vec<usize> = match labels.iter().copied().collect::<Option<Vec<_>>>() {
-            Some(l) => l,
-            // Unlabelled data: the target's own reading of the original is the "caption".
-            None => crate::targets::top_k(&target.logits_from_embeddings(&e_orig)?, 1)?
-                .into_iter()
-                .map(|v| v[0])
-                .collect(),
+        // Captioned data and a target that reads text (CLIP): the batch's own captions, as the
+        // reference does. Otherwise the target's classes.
+        let batch_captions: Option<Vec<String>> = captions.into_iter().collect();
+        let caption_embeddings = match &batch_captions {
+            Some(c) => {
+                let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+                target.embed_captions(&refs)?.map(|t| t.detach())
+            }
+            None => None,
+        };
+        let caption_mode = caption_embeddings.is_some();
+        let texts = match caption_embeddings {
+            Some(t) => t,
+            None => target.class_embeddings()?,
+        };
+        let scores_orig = (cosine_matrix(&e_orig, &texts)? * shield.uaeo.score_scale)?;
+        let own: Vec<usize> = if caption_mode {
+            (0..b).collect()
+        } else {
+            match labels.iter().copied().collect::<Option<Vec<_>>>() {
+                Some(l) => l,
+                // Unlabelled data: the target's own reading of the original is the "caption".
+                None => crate::targets::top_k(&target.logits_from_embeddings(&e_orig)?, 1)?
+                    .into_iter()
+                    .map(|v| v[0])
+                    .collect(),
+            }
         };
         let e_sh = target.embed_images(&target.preprocess(&x_sh)?)?;
-        let logits_sh = target.logits_from_embeddings(&e_sh)?;
+        let logits_sh = if caption_mode {
+            target.caption_logits(&e_sh, &texts)?
+        } else {
+            target.logits_from_embeddings(&e_sh)?
+        };
         let terms = uaeo_terms(
             &scores_orig,
             &e_sh,
-            &captions,
+            &texts,
             &logits_sh,
             &own,
-            false,
+            caption_mode,
             &shield.uaeo,
         )?;
         let zero = || Tensor::zeros((), DType::F32, &self.device);
