@@ -130,6 +130,19 @@ mod tests {
     }
 
     #[test]
+    fn rd_loss_by_hand() {
+        let dev = Device::Cpu;
+        let out = RdForward {
+            x_hat: Tensor::zeros((1, 3, 2, 2), DType::F32, &dev).unwrap(),
+            bpp: Tensor::new(0.5f32, &dev).unwrap(),
+            mse: Tensor::new(0.001f32, &dev).unwrap(),
+        };
+        // 0.5 + 0.01 * 65025 * 0.001 = 1.15025
+        let l = rd_loss(&out, 0.01).unwrap().to_scalar::<f32>().unwrap();
+        assert!((l - 1.15025).abs() < 1e-6, "{l}");
+    }
+
+    #[test]
     fn forward_gives_a_finite_rate_and_a_full_size_reconstruction() {
         let dev = Device::Cpu;
         let varmap = candle_nn::VarMap::new();
