@@ -7,6 +7,8 @@
 #   gpu-carry/efficientnet-lite0.safetensors
 #   ../shared/gpu/run_on_gpu.sh is not there: the same LD_LIBRARY_PATH logic is inlined below.
 # Usage: bash scripts/gpu-train.sh OUT_DIR MINUTES_STAGE0 MINUTES_STAGE1 MINUTES_STAGE2 (0 skips a stage)
+# Stage 0 is always runs/default-stage0; stages 1-2 use configs/${PSIC_RUN}-stage{1,2}.toml and
+# runs/${PSIC_RUN}-stage{1,2} (PSIC_RUN defaults to "default"; "robust" is the next model).
 # Each stage's checkpoint, log and validation grid are packed into OUT_DIR as soon as the stage
 # ends (split in 15 MB parts), so a run cut short still returns what it finished.
 set -uo pipefail
@@ -25,10 +27,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 # The configs name ../shared paths: point them at the carried copies.
 mkdir -p /tmp/cfg
+run=${PSIC_RUN:-default}
 for s in 0 1 2; do
+  name=$run; [ "$s" = 0 ] && name=default
   sed -e 's#\.\./shared/data/imagenet-val256#gpu-carry/imagenet-val256#' \
       -e 's#\.\./shared/models/efficientnet-lite0.safetensors#gpu-carry/efficientnet-lite0.safetensors#' \
-      "configs/default-stage$s.toml" > "/tmp/cfg/stage$s.toml"
+      "configs/$name-stage$s.toml" > "/tmp/cfg/stage$s.toml"
 done
 
 pack() { # stage name -> OUT_DIR/NAME.tar.part-*
@@ -37,7 +41,8 @@ pack() { # stage name -> OUT_DIR/NAME.tar.part-*
 }
 
 run_stage() { # stage minutes
-  local s=$1 minutes=$2 dir="runs/default-stage$1"
+  local s=$1 minutes=$2 dir="runs/${run}-stage$1"
+  [ "$s" = 0 ] && dir=runs/default-stage0
   if [ "$minutes" = 0 ]; then stamp "stage $s skipped"; return 0; fi
   stamp "stage $s: $minutes min"
   if [ -f "$dir/checkpoint.safetensors" ]; then

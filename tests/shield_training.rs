@@ -259,6 +259,9 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
         lambda_full = 0.01
         lambda_shielded = 0.01
         lambda_shield = 1.0
+        [shield.augment]
+        probability = 0.7
+        min_scale = 0.5
         "#
     ))
     .unwrap();

@@ -14,7 +14,9 @@ pub mod uaeo;
 mod weighting;
 
 pub use adam::Adam;
-pub use trainer::{grid, load_target, ShieldConfig, StepStats, TrainConfig, Trainer, ValStats};
+pub use trainer::{
+    grid, load_target, AugmentConfig, ShieldConfig, StepStats, TrainConfig, Trainer, ValStats,
+};
 pub use weighting::AdaptiveWeighting;
 
 use candle_core::{Device, Tensor};

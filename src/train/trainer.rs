@@ -114,6 +114,22 @@ pub struct ShieldConfig {
     /// Evidence settings.
     #[serde(default)]
     pub uaeo: UaeoConfig,
+    /// Random rescaling of the shielded decode before the target, so the shield survives the
+    /// resizing and smoothing a target's preprocessing (or an attacker) applies.
+    #[serde(default)]
+    pub augment: Option<AugmentConfig>,
+}
+
+/// Random down-scaling of the shielded decodes the target sees during training (the target's
+/// own preprocessing then resizes them back to its input size): a low-pass the shield must
+/// survive. Drawn from the run's seeded generator, so resume stays exact.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Chance that a batch is rescaled.
+    pub probability: f64,
+    /// Smallest scale factor (the factor is uniform in `[min_scale, 1]`).
+    pub min_scale: f64,
 }
 
 fn default_architecture() -> String {
@@ -592,7 +608,16 @@ impl Trainer {
                     .collect(),
             }
         };
-        let e_sh = target.embed_images(&target.preprocess(&x_sh)?)?;
+        let seen = match shield.augment {
+            Some(a) if self.noise.next_f64() < a.probability => {
+                let scale = a.min_scale + (1.0 - a.min_scale) * self.noise.next_f64();
+                let (_, _, h, w) = x_sh.dims4()?;
+                let short = ((h.min(w) as f64 * scale).round() as usize).max(8);
+                crate::targets::preprocess::resize_shorter_side(&x_sh, short)?
+            }
+            _ => x_sh.clone(),
+        };
+        let e_sh = target.embed_images(&target.preprocess(&seen)?)?;
         let logits_sh = if caption_mode {
             target.caption_logits(&e_sh, &texts)?
         } else {
