@@ -17,9 +17,9 @@ use crate::{Error, Result};
 /// coder and — for shielded models — the trigger generator and the conditions it was trained
 /// for.
 ///
-/// One bitstream, two decodes: [`decode_shielded`](Self::decode_shielded) (what [`decode`]
-/// (Self::decode) gives, and all anyone with the stream and the public model gets) and
-/// [`decode_full`](Self::decode_full) with the model's full condition.
+/// One bitstream, two decodes: [`decode_shielded`](Self::decode_shielded) (what
+/// [`decode`](Self::decode) gives, and all anyone with the stream and the public model gets)
+/// and [`decode_full`](Self::decode_full) with the model's full condition.
 pub struct Codec {
     backbone: Box<dyn LicBackbone>,
     shield: Option<Shield>,
