@@ -49,8 +49,9 @@ commands:
           evaluate a codec (default model without -m) on a folder: writes report.json,
           report.md, grid.png (original | full | shielded), rd.png and accuracy.png
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
-  classify --target efficientnet-lite --weights W --data DIR --out PRED.json
-          top-5 predictions of a semantic target for every PNG/JPEG in DIR";
+  classify --target efficientnet-lite|clip --weights W --data DIR --out PRED.json
+          top-5 predictions of a semantic target for every PNG/JPEG in DIR (for clip, W is a
+          Hugging Face CLIP folder with captions.txt: one caption, i.e. class, per line)";
 
 /// Parsed `--flag value` pairs and value-less switches; `-x` and `--long` names both accepted.
 struct Args {
@@ -325,21 +326,19 @@ fn classify(args: &[String]) -> Result<()> {
             ("-o", "--out"),
         ],
     )?;
-    let target = match a.get("--target")? {
-        "efficientnet-lite" => {
-            psic::targets::EfficientNetLite::load(a.get("--weights")?, &Device::Cpu)?
-        }
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown target {other:?} (known: efficientnet-lite)"
-            )))
-        }
-    };
+    // Any target psic can load (a CLIP folder classifies against its captions.txt).
+    let target = psic::train::load_target(
+        a.get("--target")?,
+        Path::new(a.get("--weights")?),
+        &Device::Cpu,
+    )?;
     let t = Instant::now();
-    let predictions =
-        psic::targets::classify_folder(&target, Path::new(a.get("--data")?), 5, |done, total| {
-            progress("classify", done, total, t)
-        })?;
+    let predictions = psic::targets::classify_folder(
+        target.as_ref(),
+        Path::new(a.get("--data")?),
+        5,
+        |done, total| progress("classify", done, total, t),
+    )?;
     eprintln!();
     let json = serde_json::json!({ "predictions": predictions });
     let text = serde_json::to_string_pretty(&json)
