@@ -51,3 +51,33 @@ pub(crate) fn state_dim(
 pub(crate) fn cpu_view<'a>(vb: &candle_nn::VarBuilder<'a>) -> candle_nn::VarBuilder<'a> {
     vb.clone().set_device(Device::Cpu)
 }
+
+/// Runs `f(plane_index, chunk, scratch)` over the `chunk`-sized pieces of `out`, split over
+/// threads; each thread gets its own `scratch` buffer of `scratch_len` floats.
+pub(crate) fn par_planes(
+    out: &mut [f32],
+    chunk: usize,
+    scratch_len: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    let chunk = chunk.max(1);
+    let planes = out.len() / chunk;
+    let threads = candle_core::utils::get_num_threads().clamp(1, planes.max(1));
+    let per_thread = planes.div_ceil(threads).max(1);
+    let run = |first: usize, group: &mut [f32]| {
+        let mut scratch = vec![0f32; scratch_len];
+        for (i, o) in group.chunks_mut(chunk).enumerate() {
+            f(first + i, o, &mut scratch);
+        }
+    };
+    if threads <= 1 {
+        run(0, out);
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (t, group) in out.chunks_mut(chunk * per_thread).enumerate() {
+            let run = &run;
+            scope.spawn(move || run(t * per_thread, group));
+        }
+    });
+}

@@ -62,12 +62,12 @@ impl SemanticTarget for TinyTarget {
     }
 }
 
-/// 32 varied 64x64 pictures: gradients, stripes and blobs with seeded parameters.
+/// 64 varied 64x64 pictures: gradients, stripes and blobs with seeded parameters.
 fn folder(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("psic-shield-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut rng = SplitMix64::new(42);
-    for i in 0..32u32 {
+    for i in 0..64u32 {
         let p: Vec<f64> = (0..9).map(|_| rng.next_f64()).collect();
         image::RgbImage::from_fn(64, 64, |x, y| {
             let (fx, fy) = (x as f64 / 64.0, y as f64 / 64.0);
@@ -103,7 +103,7 @@ fn shielded_decode_loses_the_targets_reading_and_the_full_decode_keeps_it() {
         lambda = 0.05
         seed = 1
         validate_every = 1
-        validate_images = 16
+        validate_images = 32
         "#
     ))
     .unwrap();
@@ -126,7 +126,7 @@ fn shielded_decode_loses_the_targets_reading_and_the_full_decode_keeps_it() {
         lr = 5e-4
         seed = 2
         validate_every = 1
-        validate_images = 16
+        validate_images = 32
         [shield]
         target = "tiny"
         weights = "none"
@@ -148,11 +148,15 @@ fn shielded_decode_loses_the_targets_reading_and_the_full_decode_keeps_it() {
     let (after, _) = t1.validate().unwrap().unwrap();
     eprintln!("before: {before:?}\nafter: {after:?}");
     let (full, shielded) = (after.top1_full.unwrap(), after.top1_shielded.unwrap());
-    // The target's reading (its top-1 on the originals, 16 evaluation images): kept by the
-    // full decode, lost by the shielded one. Measured here: full 0.875, shielded 0.375.
-    assert!(full >= 0.7, "full-decode agreement {full}");
-    assert!(shielded <= full - 0.3, "shielded {shielded} vs full {full}");
-    // Both decodes stay pictures of the input. Measured: full 21.4 dB, shielded 17.2 dB (the
+    // The target's reading (its top-1 on the originals, 32 evaluation images): kept by the
+    // full decode, lost by the shielded one. Measured here: full 0.656, shielded 0.313 (the
+    // margins below are about 3 images each, for other machines' floating-point sums).
+    assert!(full >= 0.55, "full-decode agreement {full}");
+    assert!(
+        shielded <= full - 0.25,
+        "shielded {shielded} vs full {full}"
+    );
+    // Both decodes stay pictures of the input. Measured: full 22.6 dB, shielded 19.5 dB (the
     // tiny codec is weak: 400 steps on synthetic images).
     let (pf, ps) = (after.psnr_full, after.psnr_shielded.unwrap());
     assert!(pf >= 20.0, "full PSNR {pf}");

@@ -67,9 +67,83 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let train = self.weight.is_variable();
+        let y = conv2d_auto(x, &self.weight, self.padding, self.stride, train)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
+}
+
+/// candle's `conv2d` for inference; when training on the CPU, [`conv2d_gemm`], whose
+/// backward pass is two matrix products instead of candle's transposed-convolution loop.
+fn conv2d_auto(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    if train && x.device().is_cpu() {
+        conv2d_gemm(x, w, padding, stride)
+    } else {
+        x.conv2d(w, padding, stride, 1, 1)
+    }
+}
+
+/// A convolution as explicit im2col and one matrix product: the same result as
+/// `conv2d(w, padding, stride)`, with a backward pass made of two matrix products and a col2im.
+/// On the CPU (f32) im2col is a custom op; elsewhere it is built from stride-phase views of the
+/// padded input, one per kernel tap.
+pub fn conv2d_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, c_w, k, _) = w.dims4()?;
+    if c != c_w {
+        candle_core::bail!("conv2d_gemm: input has {c} channels, kernel expects {c_w}");
+    }
+    let ho = (h + 2 * padding - k) / stride + 1;
+    let wo = (wd + 2 * padding - k) / stride + 1;
+    let cols = match super::im2col::im2col(x, k, stride, padding)? {
+        Some(cols) => cols,
+        None => im2col_views(x, k, stride, padding)?,
+    };
+    let y = w.reshape((o, c * k * k))?.matmul(&cols)?; // [O, B·Ho·Wo]
+    y.reshape((o, b, ho, wo))?
+        .permute((1, 0, 2, 3))?
+        .contiguous()
+}
+
+/// im2col from stride-phase views of the padded input, one per kernel tap: tensor ops only,
+/// any device, `[C·k², B·Ho·Wo]`.
+fn im2col_views(x: &Tensor, k: usize, s: usize, padding: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let ho = (h + 2 * padding - k) / s + 1;
+    let wo = (wd + 2 * padding - k) / s + 1;
+    // Pad to a multiple of s (the extra zeros are never read) and view as s x s phases.
+    let hp = (h + 2 * padding).div_ceil(s);
+    let wp = (wd + 2 * padding).div_ceil(s);
+    let xp = x
+        .pad_with_zeros(2, padding, hp * s - h - padding)?
+        .pad_with_zeros(3, padding, wp * s - wd - padding)?
+        .reshape((b, c, hp, s, wp, s))?;
+    let mut taps = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        let row = xp.narrow(3, ky % s, 1)?.squeeze(3)?.narrow(2, ky / s, ho)?;
+        for kx in 0..k {
+            taps.push(
+                row.narrow(4, kx % s, 1)?
+                    .squeeze(4)?
+                    .narrow(3, kx / s, wo)?,
+            );
+        }
+    }
+    // [B, C, k², Ho, Wo] -> [C·k², B·Ho·Wo]
+    Tensor::stack(&taps, 2)?
+        .permute((1, 2, 0, 3, 4))?
+        .reshape((c * k * k, b * ho * wo))
 }
 
 /// A 2-D transposed convolution that exactly inverts the size change of a strided [`Conv2d`]:
@@ -202,13 +276,14 @@ impl Module for ConvTranspose2d {
             Some((w, l, r)) => (w.clone(), *l, *r),
             None => self.phase_kernel()?,
         };
+        let train = self.weight.is_variable();
         let y = if left == right {
-            x.conv2d(&kernel, left, 1, 1, 1)?
+            conv2d_auto(x, &kernel, left, 1, train)?
         } else {
             let xp = x
                 .pad_with_zeros(2, left, right)?
                 .pad_with_zeros(3, left, right)?;
-            xp.conv2d(&kernel, 0, 1, 1, 1)?
+            conv2d_auto(&xp, &kernel, 0, 1, train)?
         };
         let y = candle_nn::ops::pixel_shuffle(&y, self.stride)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -218,6 +293,78 @@ impl Module for ConvTranspose2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemm_convolution_matches_candle_forward_and_backward() {
+        // Even sizes at stride 2: candle's own conv2d backward mis-sizes the input gradient of
+        // odd inputs (it omits the output padding), so it cannot serve as the reference there.
+        let dev = candle_core::Device::Cpu;
+        for &(k, stride, pad, h, w) in &[
+            (5, 2, 2, 12, 10),
+            (3, 1, 1, 9, 7),
+            (5, 1, 2, 8, 8),
+            (1, 1, 0, 5, 6),
+            (3, 2, 1, 6, 8),
+        ] {
+            let x = candle_core::Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap(),
+            )
+            .unwrap();
+            let wt = candle_core::Var::from_tensor(
+                &Tensor::randn(0f32, 0.3, (4, 3, k, k), &dev).unwrap(),
+            )
+            .unwrap();
+            let reference = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), pad, stride, 1, 1)
+                .unwrap();
+            let ours = conv2d_gemm(x.as_tensor(), wt.as_tensor(), pad, stride).unwrap();
+            assert_eq!(reference.dims(), ours.dims());
+            // The tensor-op im2col (used off the CPU) gives the same columns as the custom op.
+            let via_views = im2col_views(x.as_tensor(), k, stride, pad).unwrap();
+            let via_op = crate::layers::im2col::im2col(x.as_tensor(), k, stride, pad)
+                .unwrap()
+                .unwrap();
+            let d_cols = (via_views - via_op)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(
+                d_cols.to_scalar::<f32>().unwrap(),
+                0.0,
+                "im2col k{k} s{stride}"
+            );
+            let diff = (&reference - &ours)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 1e-4,
+                "forward k{k} s{stride}"
+            );
+            let r = Tensor::randn(0f32, 1.0, reference.dims(), &dev).unwrap();
+            let g_ref = (&reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_our = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [x.as_tensor(), wt.as_tensor()] {
+                let a = g_ref.get(v).unwrap();
+                let b = g_our.get(v).unwrap();
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 1e-3,
+                    "gradient k{k} s{stride}"
+                );
+            }
+        }
+    }
     use candle_core::{DType, Device};
 
     fn layer(c_in: usize, c_out: usize, k: usize, s: usize, trainable: bool) -> ConvTranspose2d {

@@ -6,6 +6,7 @@
 
 mod conv;
 mod gdn;
+mod im2col;
 mod subpel;
 
 pub use conv::{Conv2d, ConvTranspose2d};
