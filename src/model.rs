@@ -34,7 +34,7 @@ pub const MODEL_FORMAT: &str = "psic-model";
 pub const MODEL_VERSION: &str = "1";
 
 /// CompressAI buffers that hold integers (some converters store them as floats).
-const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
+pub(crate) const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
 
 /// The architectures psic can build, with their configurations.
 #[derive(Debug, Clone, PartialEq)]

@@ -81,3 +81,19 @@ pub(crate) fn par_planes(
         }
     });
 }
+
+/// The f32 data of a contiguous CPU tensor, for custom ops (`what` names it in errors).
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        candle_core::CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{what} must be f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}

@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::tensor_util::par_planes;
+use crate::tensor_util::{contiguous_f32, par_planes};
 
 /// Geometry of a `k`x`k` convolution with stride `s` and padding `p` on `[b, c, h, w]`.
 #[derive(Debug, Clone, Copy)]
@@ -29,17 +29,6 @@ impl Geometry {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("im2col: f32 only"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("im2col: input must be contiguous"),
-    }
-}
-
 /// `[B, C, H, W] -> [C·k², B·Ho·Wo]`: row `c·k² + ky·k + kx`, column `b·Ho·Wo + oy·Wo + ox`.
 #[derive(Debug, Clone, Copy)]
 struct Im2Col(Geometry);
@@ -55,7 +44,7 @@ impl CustomOp1 for Im2Col {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = contiguous_f32(storage, layout)?;
+        let x = contiguous_f32(storage, layout, "im2col input")?;
         let kk = g.k * g.k;
         let n = g.b * g.ho * g.wo;
         let mut out = vec![0f32; g.c * kk * n];
@@ -102,7 +91,7 @@ impl CustomOp1 for Col2Im {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let cols = contiguous_f32(storage, layout)?;
+        let cols = contiguous_f32(storage, layout, "col2im input")?;
         let kk = g.k * g.k;
         let n = g.b * g.ho * g.wo;
         let mut out = vec![0f32; g.b * g.c * g.h * g.w];

@@ -758,13 +758,7 @@ impl SemanticTarget for Clip {
     /// clipped to `[0, 1]` as PIL clips to 8 bits; skipped when already that size), central
     /// `image_size`² crop, then `(x − mean) / std` with CLIP's statistics.
     fn preprocess(&self, images: &Tensor) -> Result<Tensor> {
-        let (_, c, _, _) = images.dims4()?;
-        if c != 3 {
-            return Err(Error::InvalidArgument(format!(
-                "expected [B, 3, H, W] images, got {:?}",
-                images.dims()
-            )));
-        }
+        preprocess::check_rgb(images)?;
         let s = self.config.vision.image_size;
         let mut x = images.to_device(&self.device)?.to_dtype(DType::F32)?;
         let (_, _, h, w) = x.dims4()?;

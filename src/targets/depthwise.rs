@@ -12,7 +12,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use crate::tensor_util::par_planes;
+use crate::tensor_util::{contiguous_f32 as f32_slice, par_planes};
 use crate::{Error, Result};
 
 /// TF "same" padding of a side of length `n` for kernel `k`, stride `s`: (before, after), the
@@ -119,17 +119,6 @@ impl Geometry {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("depthwise conv: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise conv: {what} must be contiguous"),
-    }
-}
-
 /// Forward op: `(x [B,C,H,W], w [C, k·k]) -> [B,C,Ho,Wo]` (no bias).
 #[derive(Debug, Clone, Copy)]
 struct DepthwiseOp {
@@ -150,8 +139,8 @@ impl CustomOp2 for DepthwiseOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.shape().dims4()?, self.k, self.s);
-        let x = f32_slice(s1, l1, "input")?;
-        let wt = f32_slice(s2, l2, "kernel")?;
+        let x = f32_slice(s1, l1, "depthwise conv: input")?;
+        let wt = f32_slice(s2, l2, "depthwise conv: kernel")?;
         let (k, kk) = (g.k, g.k * g.k);
         let mut out = vec![0f32; g.b * g.c * g.ho * g.wo];
         par_planes(&mut out, g.ho * g.wo, g.pad_len(), |p, o, pad| {
@@ -211,8 +200,8 @@ impl CustomOp2 for InputGradOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let dy = f32_slice(s1, l1, "gradient")?;
-        let wt = f32_slice(s2, l2, "kernel")?;
+        let dy = f32_slice(s1, l1, "depthwise conv: gradient")?;
+        let wt = f32_slice(s2, l2, "depthwise conv: kernel")?;
         let (k, kk) = (g.k, g.k * g.k);
         let mut dx = vec![0f32; g.b * g.c * g.h * g.w];
         par_planes(&mut dx, g.h * g.w, g.pad_len(), |p, o, pad| {
@@ -252,8 +241,8 @@ impl CustomOp2 for WeightGradOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "gradient")?;
+        let x = f32_slice(s1, l1, "depthwise conv: input")?;
+        let dy = f32_slice(s2, l2, "depthwise conv: gradient")?;
         let (k, kk) = (g.k, g.k * g.k);
         let mut dw = vec![0f32; g.c * kk];
         par_planes(&mut dw, kk, g.pad_len(), |c, acc, pad| {

@@ -579,13 +579,7 @@ impl SemanticTarget for EfficientNetLite {
     /// Shorter side to `round(R·256/224)` (antialiased bicubic, skipped when already that size),
     /// central `R`x`R` crop, then `(255·x − 127)/128`.
     fn preprocess(&self, images: &Tensor) -> Result<Tensor> {
-        let (_, c, _, _) = images.dims4()?;
-        if c != 3 {
-            return Err(Error::InvalidArgument(format!(
-                "expected [B, 3, H, W] images, got {:?}",
-                images.dims()
-            )));
-        }
+        preprocess::check_rgb(images)?;
         let r = self.cfg.resolution;
         let x = images.to_device(&self.device)?.to_dtype(DType::F32)?;
         let x = preprocess::resize_shorter_side(&x, self.cfg.resize_to())?;

@@ -121,6 +121,18 @@ pub fn center_crop(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         .narrow(3, center_crop_offset(iw, w), w)?)
 }
 
+/// Checks that `images` is a `[B, 3, H, W]` batch (the input of every target's `preprocess`).
+pub fn check_rgb(images: &Tensor) -> Result<()> {
+    let (_, c, _, _) = images.dims4()?;
+    if c != 3 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "expected [B, 3, H, W] images, got {:?}",
+            images.dims()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

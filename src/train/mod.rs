@@ -53,6 +53,19 @@ pub fn rd_forward(
     triggers: Option<&Triggers>,
     rng: &mut SplitMix64,
 ) -> Result<RdForward> {
+    let (y_tilde, bpp) = noisy_latent(backbone, x, rng)?;
+    let x_hat = backbone.synthesis(&y_tilde, triggers)?;
+    let mse = (&x_hat - x)?.sqr()?.mean_all()?;
+    Ok(RdForward { x_hat, bpp, mse })
+}
+
+/// The encoder half of [`rd_forward`]: the noise-quantised latent `y + u` and the estimated
+/// bits per pixel of `y` and `z` (noise drawn for `z` first, then `y`).
+pub fn noisy_latent(
+    backbone: &dyn LicBackbone,
+    x: &Tensor,
+    rng: &mut SplitMix64,
+) -> Result<(Tensor, Tensor)> {
     let (b, _, h, w) = x.dims4()?;
     let align = backbone.alignment();
     if h % align != 0 || w % align != 0 {
@@ -72,11 +85,8 @@ pub fn rd_forward(
         &params.scales,
         params.means.as_ref(),
     )?;
-    let x_hat = backbone.synthesis(&y_tilde, triggers)?;
     let bits = ((y_lik.log()?.sum_all()? + z_lik.log()?.sum_all()?)? * (-1.0 / 2f64.ln()))?;
-    let bpp = (bits / (b * h * w) as f64)?;
-    let mse = (&x_hat - x)?.sqr()?.mean_all()?;
-    Ok(RdForward { x_hat, bpp, mse })
+    Ok((y_tilde, (bits / (b * h * w) as f64)?))
 }
 
 /// CompressAI's rate-distortion loss `bpp + lambda · 255² · MSE`.

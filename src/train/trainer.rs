@@ -11,7 +11,7 @@ use image::RgbImage;
 use super::adam::Adam;
 use super::uaeo::{cosine_matrix, uaeo_terms, UaeoConfig};
 use super::weighting::AdaptiveWeighting;
-use super::{rd_loss, uniform_noise, RdForward};
+use super::{rd_loss, RdForward};
 use crate::backbone::LicBackbone;
 use crate::init::SplitMix64;
 use crate::model::{Architecture, ModelFile};
@@ -281,9 +281,7 @@ impl std::fmt::Debug for Trainer {
 
 /// Names of variables that are buffers, not parameters.
 fn is_buffer(name: &str) -> bool {
-    ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"]
-        .iter()
-        .any(|b| name.ends_with(b))
+    name.ends_with("scale_table") || crate::model::INT_BUFFERS.iter().any(|b| name.ends_with(b))
 }
 
 /// Whether a variable belongs to the decoder's synthesis side (trained in stage 2).
@@ -519,25 +517,6 @@ impl Trainer {
         })
     }
 
-    /// The noisy latent and the rate of a batch (shared by both decodes).
-    fn latent(&mut self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, _, h, w) = x.dims4()?;
-        let bb = self.backbone.as_ref();
-        let y = bb.analysis(x)?;
-        let z = bb.hyper_analysis(&y)?;
-        let z_tilde = (&z + uniform_noise(z.dims(), &mut self.noise, &self.device)?)?;
-        let z_lik = bb.entropy_bottleneck().likelihood(&z_tilde)?;
-        let params = bb.hyper_synthesis(&z_tilde)?;
-        let y_tilde = (&y + uniform_noise(y.dims(), &mut self.noise, &self.device)?)?;
-        let y_lik = bb.gaussian_conditional().likelihood(
-            &y_tilde,
-            &params.scales,
-            params.means.as_ref(),
-        )?;
-        let bits = ((y_lik.log()?.sum_all()? + z_lik.log()?.sum_all()?)? * (-1.0 / 2f64.ln()))?;
-        Ok((y_tilde, (bits / (b * h * w) as f64)?))
-    }
-
     fn shield_step(&mut self) -> Result<StepStats> {
         let shield = self
             .cfg
@@ -552,7 +531,7 @@ impl Trainer {
             .sampler
             .next_annotated_batch(self.cfg.batch, &self.device)?;
         let b = x.dim(0)?;
-        let (mut y_tilde, bpp) = self.latent(&x)?;
+        let (mut y_tilde, bpp) = super::noisy_latent(self.backbone.as_ref(), &x, &mut self.noise)?;
         if self.cfg.stage == 2 {
             // The analysis side is frozen: keep backward out of it.
             y_tilde = y_tilde.detach();
