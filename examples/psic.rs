@@ -476,6 +476,9 @@ fn train(args: &[String]) -> Result<()> {
         if let (Some(p), Some(a)) = (s.psnr_shielded, s.shielded_top1) {
             eprint!(" shielded {p:.2} dB, top-1 {:.0}%", 100.0 * a);
         }
+        if let Some(k) = s.keep {
+            eprint!(" keep {k:.3}");
+        }
         let every = trainer.cfg.validate_every;
         if every > 0 && s.step % every == 0 {
             validate(&trainer, out, &mut log, &log_path)?;

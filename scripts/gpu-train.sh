@@ -7,8 +7,8 @@
 #   gpu-carry/efficientnet-lite0.safetensors
 #   ../shared/gpu/run_on_gpu.sh is not there: the same LD_LIBRARY_PATH logic is inlined below.
 # Usage: bash scripts/gpu-train.sh OUT_DIR MINUTES_STAGE0 MINUTES_STAGE1 MINUTES_STAGE2 (0 skips a stage)
-# Stage 0 is always runs/default-stage0; stages 1-2 use configs/${PSIC_RUN}-stage{1,2}.toml and
-# runs/${PSIC_RUN}-stage{1,2} (PSIC_RUN defaults to "default"; "robust" is the next model).
+# Stage s uses configs/${PSIC_RUN}-stage$s.toml and runs/${PSIC_RUN}-stage$s (PSIC_RUN defaults to
+# "default", the first model; "v2" is the second). A run folder with a checkpoint is resumed.
 # Each stage's checkpoint, log and validation grid are packed into OUT_DIR as soon as the stage
 # ends (split in 15 MB parts), so a run cut short still returns what it finished.
 set -uo pipefail
@@ -29,7 +29,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 mkdir -p /tmp/cfg
 run=${PSIC_RUN:-default}
 for s in 0 1 2; do
-  name=$run; [ "$s" = 0 ] && name=default
+  name=$run
+  [ -f "configs/$name-stage$s.toml" ] || continue
   sed -e 's#\.\./shared/data/imagenet-val256#gpu-carry/imagenet-val256#' \
       -e 's#\.\./shared/models/efficientnet-lite0.safetensors#gpu-carry/efficientnet-lite0.safetensors#' \
       "configs/$name-stage$s.toml" > "/tmp/cfg/stage$s.toml"
@@ -42,7 +43,6 @@ pack() { # stage name -> OUT_DIR/NAME.tar.part-*
 
 run_stage() { # stage minutes
   local s=$1 minutes=$2 dir="runs/${run}-stage$1"
-  [ "$s" = 0 ] && dir=runs/default-stage0
   if [ "$minutes" = 0 ]; then stamp "stage $s skipped"; return 0; fi
   stamp "stage $s: $minutes min"
   if [ -f "$dir/checkpoint.safetensors" ]; then
@@ -57,8 +57,9 @@ run_stage() { # stage minutes
   stamp "stage $s exited with $rc"
   tail -n 3 "$dir/log.jsonl" || true
   # The exported model of stages 0 and 1 is left behind (the checkpoint holds the same weights;
-  # the size of what comes back is limited).
-  local files=("$dir"/checkpoint.safetensors "$dir"/log.jsonl "$dir"/val-grid.png)
+  # the size of what comes back is limited; `psic export` rebuilds it).
+  local files=("$dir"/checkpoint.safetensors "$dir"/log.jsonl)
+  [ -f "$dir/val-grid.png" ] && files+=("$dir"/val-grid.png)
   [ "$s" = 2 ] && files+=("$dir"/model.safetensors)
   pack "stage$s" "${files[@]}"
   return "$rc"

@@ -5,8 +5,10 @@
 //! hyperprior (N = 64, M = 96) with a CLTG trigger generator, trained by psic's trainer against
 //! EfficientNet-Lite0. Its data, training and measured figures are in `docs/MODELS.md`.
 
+#[cfg(feature = "default-model")]
 use candle_core::Device;
 
+#[cfg(feature = "default-model")]
 use crate::{Codec, ModelFile, Result};
 
 /// Name of the default model (the file name in `models/`, without extension).

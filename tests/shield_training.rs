@@ -263,6 +263,7 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
         lambda_full = 0.01
         lambda_shielded = 0.01
         lambda_shield = 1.0
+        lambda_keep = 0.5
         [shield.augment]
         probability = 0.7
         min_scale = 0.5
@@ -275,6 +276,9 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
     let split = first.clean_count.unwrap();
     assert!(split <= 3 && first.loss.is_finite());
     assert!(first.clean.is_some() || first.noisy.is_some());
+    // The full decode's fidelity term over the batch's captions: a KL, so non-negative.
+    let keep = first.keep.expect("lambda_keep > 0 adds the fidelity term");
+    assert!(keep.is_finite() && keep >= 0.0, "keep term {keep}");
     let ckpt = dir.join("ckpt.safetensors");
     a.save_checkpoint(&ckpt).unwrap();
     let next_a: Vec<_> = (0..2).map(|_| a.step().unwrap()).collect();
@@ -288,8 +292,18 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
     let next_b: Vec<_> = (0..2).map(|_| b.step().unwrap()).collect();
     for (x, y) in next_a.iter().zip(&next_b) {
         assert_eq!(
-            (x.step, x.loss.to_bits(), x.psnr_shielded.map(f32::to_bits)),
-            (y.step, y.loss.to_bits(), y.psnr_shielded.map(f32::to_bits))
+            (
+                x.step,
+                x.loss.to_bits(),
+                x.psnr_shielded.map(f32::to_bits),
+                x.keep.map(f32::to_bits)
+            ),
+            (
+                y.step,
+                y.loss.to_bits(),
+                y.psnr_shielded.map(f32::to_bits),
+                y.keep.map(f32::to_bits)
+            )
         );
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -102,6 +102,12 @@ pub struct ShieldConfig {
     pub lambda_shielded: f64,
     /// `l_clip`: weight of the shielding loss.
     pub lambda_shield: f64,
+    /// Weight of the semantic-fidelity term of the full decode (0, the default, leaves it out):
+    /// `KL(p_target(original) ‖ p_target(full decode))` over the target's classes (or the
+    /// batch's captions), so the full decode keeps what the target reads in the original. Not
+    /// in the reference, which constrains the full decode by MSE alone.
+    #[serde(default)]
+    pub lambda_keep: f64,
     /// Stage 1 weight of the clean term (reference: 10).
     #[serde(default = "default_clean_weight")]
     pub clean_weight: f64,
@@ -217,6 +223,9 @@ pub struct StepStats {
     /// UAEO noisy term.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noisy: Option<f32>,
+    /// Semantic-fidelity term of the full decode (when `lambda_keep > 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<f32>,
     /// Samples in the clean part of the split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clean_count: Option<usize>,
@@ -632,6 +641,25 @@ impl Trainer {
             }
         };
         let mut loss = (distortion + (shield_loss * shield.lambda_shield)?)?;
+        let keep = if shield.lambda_keep > 0.0 {
+            let e_full = target.embed_images(&target.preprocess(&x_full)?)?;
+            let (logits_orig, logits_full) = if caption_mode {
+                (
+                    target.caption_logits(&e_orig, &texts)?,
+                    target.caption_logits(&e_full, &texts)?,
+                )
+            } else {
+                (
+                    target.logits_from_embeddings(&e_orig)?,
+                    target.logits_from_embeddings(&e_full)?,
+                )
+            };
+            let keep = kl_divergence(&logits_orig.detach(), &logits_full)?;
+            loss = (loss + (&keep * shield.lambda_keep)?)?;
+            Some(keep)
+        } else {
+            None
+        };
         if self.cfg.stage == 1 {
             loss = (loss + &bpp)?;
         }
@@ -661,6 +689,7 @@ impl Trainer {
             psnr_shielded: Some(psnr_of(&mse_sh)?),
             clean: scalar(&terms.clean)?,
             noisy: scalar(&terms.noisy)?,
+            keep: scalar(&keep)?,
             clean_count: Some(terms.split.clean.len()),
             shielded_top1: Some(hits as f32 / b as f32),
             weights,
@@ -887,6 +916,15 @@ impl Trainer {
     }
 }
 
+/// Mean over the batch of `KL(softmax(reference) ‖ softmax(logits))`, in nats; the gradient
+/// flows through `logits` only when `reference` is detached.
+fn kl_divergence(reference: &Tensor, logits: &Tensor) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(reference, 1)?;
+    let log_q = candle_nn::ops::log_softmax(logits, 1)?;
+    let per_sample = (log_p.exp()? * (&log_p - &log_q)?)?.sum(1)?;
+    Ok(per_sample.mean_all()?)
+}
+
 fn psnr_of(mse: &Tensor) -> Result<f32> {
     Ok(-10.0 * mse.to_scalar::<f32>()?.max(1e-10).log10())
 }
@@ -935,4 +973,28 @@ pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
         }
     }
     Ok(canvas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_divergence_matches_a_hand_computation() {
+        let dev = Device::Cpu;
+        let p = Tensor::new(&[[0.0f32, 1.0, 2.0], [1.0, 1.0, 1.0]], &dev).unwrap();
+        let q = Tensor::new(&[[2.0f32, 1.0, 0.0], [1.0, 1.0, 1.0]], &dev).unwrap();
+        let softmax = |v: [f64; 3]| {
+            let z: f64 = v.iter().map(|a| a.exp()).sum();
+            v.map(|a| a.exp() / z)
+        };
+        let (a, b) = (softmax([0.0, 1.0, 2.0]), softmax([2.0, 1.0, 0.0]));
+        let first: f64 = (0..3).map(|i| a[i] * (a[i] / b[i]).ln()).sum();
+        // The second row is identical in both: KL 0.
+        let want = first / 2.0;
+        let got = kl_divergence(&p, &q).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        let same = kl_divergence(&p, &p).unwrap().to_scalar::<f32>().unwrap();
+        assert!(same.abs() < 1e-6);
+    }
 }
