@@ -108,6 +108,11 @@ pub struct ShieldConfig {
     /// in the reference, which constrains the full decode by MSE alone.
     #[serde(default)]
     pub lambda_keep: f64,
+    /// Stage 1 only: freeze the analysis side and the entropy models, as stage 2 does, but keep
+    /// stage 1's fixed clean/noisy weights. The bitstream (and so the rate) of the initial
+    /// backbone is kept exactly; only the synthesis transform and the CLTG learn.
+    #[serde(default)]
+    pub freeze_analysis: bool,
     /// Stage 1 weight of the clean term (reference: 10).
     #[serde(default = "default_clean_weight")]
     pub clean_weight: f64,
@@ -414,7 +419,9 @@ impl Trainer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if cfg.stage == 2 {
+        let frozen_analysis = cfg.stage == 2
+            || (cfg.stage == 1 && cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis));
+        let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if frozen_analysis {
             (
                 vec![],
                 named
@@ -541,7 +548,8 @@ impl Trainer {
             .next_annotated_batch(self.cfg.batch, &self.device)?;
         let b = x.dim(0)?;
         let (mut y_tilde, bpp) = super::noisy_latent(self.backbone.as_ref(), &x, &mut self.noise)?;
-        if self.cfg.stage == 2 {
+        let frozen_analysis = self.cfg.stage == 2 || shield.freeze_analysis;
+        if frozen_analysis {
             // The analysis side is frozen: keep backward out of it.
             y_tilde = y_tilde.detach();
         }
@@ -660,11 +668,11 @@ impl Trainer {
         } else {
             None
         };
-        if self.cfg.stage == 1 {
+        if !frozen_analysis {
             loss = (loss + &bpp)?;
         }
         let grad_norm = self.main.step(&loss.backward()?, Some(self.cfg.clip))?;
-        let aux = if self.cfg.stage == 1 {
+        let aux = if !frozen_analysis {
             self.aux_step()?
         } else {
             0.0
