@@ -9,11 +9,13 @@
 //! - [`Trainer`] and [`TrainConfig`]: the three stages, checkpoints, validation.
 
 mod adam;
+pub mod msssim;
 mod trainer;
 pub mod uaeo;
 mod weighting;
 
 pub use adam::Adam;
+pub use msssim::Distortion;
 pub use trainer::{
     grid, load_target, AugmentConfig, ShieldConfig, StepStats, TrainConfig, Trainer, ValStats,
 };

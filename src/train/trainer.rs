@@ -9,6 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use image::RgbImage;
 
 use super::adam::Adam;
+use super::msssim::Distortion;
 use super::uaeo::{cosine_matrix, uaeo_terms, UaeoConfig};
 use super::weighting::AdaptiveWeighting;
 use super::{rd_loss, RdForward};
@@ -62,9 +63,13 @@ pub struct TrainConfig {
     /// Learning rate of the entropy bottleneck's quantiles (auxiliary loss; stages 0 and 1).
     #[serde(default = "default_aux_lr")]
     pub aux_lr: f64,
-    /// Stage 0: rate-distortion trade-off λ in `bpp + λ·255²·MSE`.
+    /// Stage 0: rate-distortion trade-off λ in `bpp + λ·D`, `D` the [`Distortion`] term.
     #[serde(default)]
     pub lambda: f64,
+    /// The distortion term of every stage: `mse` (`255²·MSE`, the default) or `ms-ssim`
+    /// (`1 − MS-SSIM`, which needs crops over 160 pixels). Stages 1–2 apply it to both decodes.
+    #[serde(default)]
+    pub distortion: Distortion,
     /// Global gradient-norm clip.
     #[serde(default = "default_clip")]
     pub clip: f64,
@@ -96,7 +101,7 @@ pub struct ShieldConfig {
     pub target: String,
     /// The target's weights.
     pub weights: PathBuf,
-    /// `l0`: distortion weight of the full decode (`½·l0·255²·MSE_full`).
+    /// `l0`: distortion weight of the full decode (`½·l0·D_full`; `D = 255²·MSE` by default).
     pub lambda_full: f64,
     /// `l1`: distortion weight of the shielded decode.
     pub lambda_shielded: f64,
@@ -193,6 +198,14 @@ impl TrainConfig {
             return bad(format!(
                 "stage {} needs `init` (a model file) and a [shield] section",
                 self.stage
+            ));
+        }
+        if (self.crop as usize) < self.distortion.min_side() {
+            return bad(format!(
+                "{:?} distortion needs crops of at least {} pixels, got {}",
+                self.distortion,
+                self.distortion.min_side(),
+                self.crop
             ));
         }
         if self.stage == 0 && self.init.is_none() && (self.n == 0 || self.m == 0) {
@@ -519,7 +532,10 @@ impl Trainer {
     fn rd_step(&mut self) -> Result<StepStats> {
         let x = self.sampler.next_batch(self.cfg.batch, &self.device)?;
         let out = super::rd_forward(self.backbone.as_ref(), &x, None, &mut self.noise)?;
-        let loss = rd_loss(&out, self.cfg.lambda)?;
+        let loss = match self.cfg.distortion {
+            Distortion::Mse => rd_loss(&out, self.cfg.lambda)?,
+            d => (&out.bpp + (d.term(&out.x_hat, &x)? * self.cfg.lambda)?)?,
+        };
         let grad_norm = self.main.step(&loss.backward()?, Some(self.cfg.clip))?;
         let aux = self.aux_step()?;
         Ok(StepStats {
@@ -570,9 +586,17 @@ impl Trainer {
         let (x_full, x_sh) = (x_hat.narrow(0, 0, b)?, x_hat.narrow(0, b, b)?);
         let mse_full = (&x_full - &x)?.sqr()?.mean_all()?;
         let mse_sh = (&x_sh - &x)?.sqr()?.mean_all()?;
-        let distortion = (((&mse_full * shield.lambda_full)?
-            + (&mse_sh * shield.lambda_shielded)?)?
-            * (0.5 * 255.0 * 255.0))?;
+        let distortion = match self.cfg.distortion {
+            Distortion::Mse => {
+                (((&mse_full * shield.lambda_full)? + (&mse_sh * shield.lambda_shielded)?)?
+                    * (0.5 * 255.0 * 255.0))?
+            }
+            d => {
+                (((d.term(&x_full, &x)? * shield.lambda_full)?
+                    + (d.term(&x_sh, &x)? * shield.lambda_shielded)?)?
+                    * 0.5)?
+            }
+        };
 
         let target = self.target.as_ref().expect("stages 1-2 have a target");
         let e_orig = target.embed_images(&target.preprocess(&x)?)?.detach();
