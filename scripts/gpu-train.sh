@@ -2,13 +2,18 @@
 # Trains the default model's stages on a lent GPU machine (see docs/TRAINING.md, "GPU").
 #
 # Expects, in the repository root on the GPU machine:
-#   gpu-carry/psic.xz                   the example binary built with --features cuda (xz'd)
+#   gpu-carry/psic.xz                   the example binary built with --features cuda (xz'd):
+#     source ../shared/gpu/env.sh && CARGO_TARGET_DIR=/work/cuda-target cargo build --release \
+#       --no-default-features --features cuda --example psic
+#     (no embedded default model: 7 MB instead of 14 MB xz'd), then strip and `xz -6`
 #   gpu-carry/imagenet-val256/          the photos and labels.json
 #   gpu-carry/efficientnet-lite0.safetensors
 #   ../shared/gpu/run_on_gpu.sh is not there: the same LD_LIBRARY_PATH logic is inlined below.
 # Usage: bash scripts/gpu-train.sh OUT_DIR MINUTES_STAGE0 MINUTES_STAGE1 MINUTES_STAGE2 (0 skips a stage)
 # Stage s uses configs/${PSIC_RUN}-stage$s.toml and runs/${PSIC_RUN}-stage$s (PSIC_RUN defaults to
-# "default", the first model; "v2" is the second). A run folder with a checkpoint is resumed.
+# "default", the first model; "v2" is the second, "v3" the next). A run folder with a checkpoint
+# is resumed. What travels must stay under 64 MiB: move the big checkpoints of other runs out
+# of the working tree for the call (the tracked runs/ alone exceed it).
 # Each stage's checkpoint, log and validation grid are packed into OUT_DIR as soon as the stage
 # ends (split in 15 MB parts), so a run cut short still returns what it finished.
 set -uo pipefail
