@@ -3,7 +3,13 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::cpu_conv::{self, CpuConv};
 use crate::Result;
+
+/// Whether `w` is a frozen (inference) weight on the CPU, where [`CpuConv`] applies.
+fn frozen_on_cpu(w: &Tensor) -> bool {
+    !w.is_variable() && w.device().is_cpu()
+}
 
 /// Loads (or creates with PyTorch's default init, uniform in ±1/sqrt(fan_in)) a kernel of
 /// `shape` and a bias of `out_channels` entries.
@@ -33,6 +39,8 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// The tiled im2col + gemm form for frozen CPU weights (inference).
+    cpu: Option<CpuConv>,
 }
 
 impl Conv2d {
@@ -51,11 +59,15 @@ impl Conv2d {
             in_channels * kernel * kernel,
             out_channels,
         )?;
+        let cpu = frozen_on_cpu(&weight)
+            .then(|| CpuConv::conv(&weight, &bias, stride, kernel / 2))
+            .transpose()?;
         Ok(Self {
             weight,
             bias,
             stride,
             padding: kernel / 2,
+            cpu,
         })
     }
 
@@ -67,6 +79,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(conv) = &self.cpu {
+            if let Some(y) = cpu_conv::apply(conv, x)? {
+                return Ok(y);
+            }
+        }
         let train = self.weight.is_variable();
         let y = conv2d_auto(x, &self.weight, self.padding, self.stride, train)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -166,6 +183,8 @@ pub struct ConvTranspose2d {
     output_padding: usize,
     /// Phase kernel `[out·s², in, K, K]`, its (left, right) padding; cached for frozen weights.
     phase: Option<(Tensor, usize, usize)>,
+    /// Per-phase im2col + gemm form for frozen CPU weights (inference).
+    cpu: Option<CpuConv>,
 }
 
 impl ConvTranspose2d {
@@ -190,9 +209,18 @@ impl ConvTranspose2d {
             padding: kernel / 2,
             output_padding: stride - 1,
             phase: None,
+            cpu: None,
         };
         if !layer.weight.is_variable() {
             layer.phase = Some(layer.phase_kernel()?);
+            if layer.phase_form() && frozen_on_cpu(&layer.weight) {
+                layer.cpu = Some(CpuConv::transposed(
+                    &layer.weight,
+                    &layer.bias,
+                    stride,
+                    layer.padding,
+                )?);
+            }
         }
         Ok(layer)
     }
@@ -252,6 +280,11 @@ impl ConvTranspose2d {
         Ok((kernel.contiguous()?, (-d_min) as usize, d_max as usize))
     }
 
+    /// The phase form needs output = stride x input, which CompressAI's deconv always gives.
+    fn phase_form(&self) -> bool {
+        self.output_padding + self.weight.dims()[2] == self.stride + 2 * self.padding
+    }
+
     /// The reference path: candle's own `conv_transpose2d` (slow on CPU; used in tests).
     pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.conv_transpose2d(
@@ -267,10 +300,13 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // The phase form needs output = stride x input, which CompressAI's deconv always gives.
-        let k = self.weight.dims()[2];
-        if self.output_padding + k != self.stride + 2 * self.padding {
+        if !self.phase_form() {
             return self.forward_reference(x);
+        }
+        if let Some(conv) = &self.cpu {
+            if let Some(y) = cpu_conv::apply(conv, x)? {
+                return Ok(y);
+            }
         }
         let (kernel, left, right) = match &self.phase {
             Some((w, l, r)) => (w.clone(), *l, *r),
@@ -404,11 +440,58 @@ mod tests {
     }
 
     #[test]
+    fn cpu_convolution_equals_candle() {
+        // Frozen weights take the tiled im2col + gemm path; sizes include odd ones and images
+        // of several tiles.
+        let dev = Device::Cpu;
+        for &(k, s, h, w) in &[
+            (5, 2, 13, 11),
+            (3, 1, 9, 7),
+            (1, 1, 5, 6),
+            (5, 2, 70, 50),
+            (3, 1, 41, 37),
+        ] {
+            let wt = Tensor::randn(0f32, 0.3, (4, 3, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), wt.clone()),
+                ("bias".to_string(), bias.clone()),
+            ]);
+            let conv = Conv2d::new(
+                VarBuilder::from_tensors(tensors, DType::F32, &dev),
+                3,
+                4,
+                k,
+                s,
+            )
+            .unwrap();
+            assert!(conv.cpu.is_some());
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            let reference = x
+                .conv2d(&wt, k / 2, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k={k} s={s}");
+            assert!(max_diff(&ours, &reference) < 1e-5, "k={k} s={s}");
+        }
+    }
+
+    #[test]
     fn phase_form_equals_transposed_convolution() {
-        for (k, s) in [(5, 2), (3, 2), (4, 2), (5, 4), (3, 1)] {
+        for (k, s, h, w) in [
+            (5, 2, 7, 9),
+            (3, 2, 7, 9),
+            (4, 2, 7, 9),
+            (5, 4, 7, 9),
+            (3, 1, 7, 9),
+            (5, 2, 30, 41),
+        ] {
             for trainable in [false, true] {
                 let l = layer(6, 5, k, s, trainable);
-                let x = Tensor::randn(0f32, 1.0, (2, 6, 7, 9), &Device::Cpu).unwrap();
+                assert_eq!(l.cpu.is_some(), !trainable && l.phase_form(), "k={k} s={s}");
+                let x = Tensor::randn(0f32, 1.0, (2, 6, h, w), &Device::Cpu).unwrap();
                 let a = l.forward(&x).unwrap();
                 let b = l.forward_reference(&x).unwrap();
                 assert_eq!(a.dims(), b.dims(), "k={k} s={s}");
