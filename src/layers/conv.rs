@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::cpu_conv::{self, CpuConv};
+use super::Gdn;
 use crate::Result;
 
 /// Whether `w` is a frozen (inference) weight on the CPU, where [`CpuConv`] applies.
@@ -75,12 +76,22 @@ impl Conv2d {
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
+
+    /// `gdn(self(x))`, fused into one pass over each output tile for frozen CPU layers.
+    pub fn forward_gdn(&self, x: &Tensor, gdn: &Gdn) -> candle_core::Result<Tensor> {
+        if let (Some(conv), Some(g)) = (&self.cpu, gdn.cpu()) {
+            if let Some(y) = cpu_conv::apply(conv, Some(g), x)? {
+                return Ok(y);
+            }
+        }
+        gdn.forward(&self.forward(x)?)
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(conv) = &self.cpu {
-            if let Some(y) = cpu_conv::apply(conv, x)? {
+            if let Some(y) = cpu_conv::apply(conv, None, x)? {
                 return Ok(y);
             }
         }
@@ -280,6 +291,16 @@ impl ConvTranspose2d {
         Ok((kernel.contiguous()?, (-d_min) as usize, d_max as usize))
     }
 
+    /// `gdn(self(x))`, fused into one pass over each output tile for frozen CPU layers.
+    pub fn forward_gdn(&self, x: &Tensor, gdn: &Gdn) -> candle_core::Result<Tensor> {
+        if let (Some(conv), Some(g)) = (&self.cpu, gdn.cpu()) {
+            if let Some(y) = cpu_conv::apply(conv, Some(g), x)? {
+                return Ok(y);
+            }
+        }
+        gdn.forward(&self.forward(x)?)
+    }
+
     /// The phase form needs output = stride x input, which CompressAI's deconv always gives.
     fn phase_form(&self) -> bool {
         self.output_padding + self.weight.dims()[2] == self.stride + 2 * self.padding
@@ -304,7 +325,7 @@ impl Module for ConvTranspose2d {
             return self.forward_reference(x);
         }
         if let Some(conv) = &self.cpu {
-            if let Some(y) = cpu_conv::apply(conv, x)? {
+            if let Some(y) = cpu_conv::apply(conv, None, x)? {
                 return Ok(y);
             }
         }
@@ -475,6 +496,54 @@ mod tests {
                 .unwrap();
             assert_eq!(ours.dims(), reference.dims(), "k={k} s={s}");
             assert!(max_diff(&ours, &reference) < 1e-5, "k={k} s={s}");
+        }
+    }
+
+    #[test]
+    fn fused_gdn_equals_convolution_then_gdn() {
+        // Frozen layers on the CPU fuse the (I)GDN into the convolution's output tiles; the
+        // reference is the unfused convolution followed by the GDN's own tensor ops.
+        let dev = Device::Cpu;
+        let frozen = |varmap: &candle_nn::VarMap| {
+            let t: std::collections::HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+                .collect();
+            VarBuilder::from_tensors(t, DType::F32, &dev)
+        };
+        for inverse in [false, true] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = crate::init::seeded_var_builder(&varmap, 5, DType::F32, &dev);
+            Conv2d::new(vb.pp("c"), 3, 6, 5, 2).unwrap();
+            ConvTranspose2d::new(vb.pp("t"), 6, 6, 5, 2).unwrap();
+            Gdn::new(vb.pp("g"), 6, inverse).unwrap();
+            // Non-trivial gamma off-diagonals and beta.
+            for (name, v) in varmap.data().lock().unwrap().iter() {
+                if name.starts_with("g.") {
+                    let r = Tensor::rand(0.2f32, 1.0, v.dims(), &dev).unwrap();
+                    v.set(&r).unwrap();
+                }
+            }
+            let vb = frozen(&varmap);
+            let conv = Conv2d::new(vb.pp("c"), 3, 6, 5, 2).unwrap();
+            let deconv = ConvTranspose2d::new(vb.pp("t"), 6, 6, 5, 2).unwrap();
+            let gdn = Gdn::new(vb.pp("g"), 6, inverse).unwrap();
+            assert!(gdn.cpu().is_some());
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 45, 37), &dev).unwrap();
+            let a = conv.forward_gdn(&x, &gdn).unwrap();
+            let b = gdn.forward(&conv.forward(&x).unwrap()).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "conv + gdn: {}", max_diff(&a, &b));
+            let a = deconv.forward_gdn(&a, &gdn).unwrap();
+            let b = gdn.forward(&deconv.forward(&b).unwrap()).unwrap();
+            assert_eq!(a.dims(), &[2, 6, 46, 38]);
+            assert!(
+                max_diff(&a, &b) < 1e-4,
+                "deconv + gdn: {}",
+                max_diff(&a, &b)
+            );
         }
     }
 

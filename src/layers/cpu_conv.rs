@@ -31,9 +31,85 @@ struct Phase {
     at: (usize, usize),
 }
 
-/// A frozen convolution (or transposed convolution in phase form) ready for [`Tensor::apply_op1_no_bwd`].
+/// A frozen convolution (or transposed convolution in phase form) for [`apply`].
 #[derive(Debug, Clone)]
 pub(crate) struct CpuConv(Arc<Plan>);
+
+/// A frozen GDN (or IGDN) applied to each output tile of a [`CpuConv`] while it is in cache:
+/// `y = x / sqrt(beta + gamma · x²)` (`x * sqrt(...)` when inverse), per pixel over channels.
+#[derive(Debug)]
+pub(crate) struct CpuGdn {
+    /// Effective `gamma` `[C, C]`, row-major.
+    gamma: Vec<f32>,
+    /// Effective `beta` `[C]`.
+    beta: Vec<f32>,
+    inverse: bool,
+}
+
+impl CpuGdn {
+    /// From the effective (already reparametrised) `beta` `[C]` and `gamma` `[C, C]`.
+    pub(crate) fn new(beta: &Tensor, gamma: &Tensor, inverse: bool) -> candle_core::Result<Self> {
+        Ok(Self {
+            gamma: values(gamma)?,
+            beta: values(beta)?,
+            inverse,
+        })
+    }
+
+    /// Normalises the `[C, n]` tile at `data` (row stride `rs`) in place; `sq` and `norm` are
+    /// scratch of at least `C·n` floats.
+    ///
+    /// # Safety
+    /// `data` must point to `C` rows of `n` writable floats, `rs` apart.
+    unsafe fn apply(&self, data: *mut f32, rs: usize, n: usize, sq: &mut [f32], norm: &mut [f32]) {
+        let c = self.beta.len();
+        for ch in 0..c {
+            let row = std::slice::from_raw_parts(data.add(ch * rs), n);
+            for (s, &v) in sq[ch * n..][..n].iter_mut().zip(row) {
+                *s = v * v;
+            }
+            norm[ch * n..][..n].fill(self.beta[ch]);
+        }
+        // norm = beta + gamma · x²
+        gemm::gemm(
+            c,
+            n,
+            c,
+            norm.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            self.gamma.as_ptr(),
+            1,
+            c as isize,
+            sq.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        for ch in 0..c {
+            let row = std::slice::from_raw_parts_mut(data.add(ch * rs), n);
+            for (v, &nv) in row.iter_mut().zip(&norm[ch * n..][..n]) {
+                if self.inverse {
+                    *v *= nv.sqrt();
+                } else {
+                    *v /= nv.sqrt();
+                }
+            }
+        }
+    }
+}
+
+/// The op: a convolution plan and an optional GDN epilogue.
+struct ConvOp<'a> {
+    plan: &'a Plan,
+    gdn: Option<&'a CpuGdn>,
+}
 
 #[derive(Debug)]
 struct Plan {
@@ -212,7 +288,12 @@ impl Plan {
         }
     }
 
-    fn run(&self, x: &[f32], (b, h, w): (usize, usize, usize)) -> (Vec<f32>, usize, usize) {
+    fn run(
+        &self,
+        x: &[f32],
+        (b, h, w): (usize, usize, usize),
+        gdn: Option<&CpuGdn>,
+    ) -> (Vec<f32>, usize, usize) {
         let (s, u, o) = (self.stride, self.up, self.c_out);
         let span = h as isize - self.shrink - 1;
         let ho = if span < 0 { 0 } else { span as usize / s + 1 };
@@ -230,12 +311,14 @@ impl Plan {
         let cols_len = self.c_in * max_taps * rows * wo;
         let direct = u == 1 && self.phases.len() == 1;
         let gemm_len = if direct { 0 } else { o * rows * wo };
+        let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
         let next = AtomicUsize::new(0);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let plane_out = h_out * w_out;
         let worker = || {
             let mut cols = vec![0f32; cols_len];
             let mut tmp = vec![0f32; gemm_len];
+            let (mut sq, mut norm) = (vec![0f32; gdn_len], vec![0f32; gdn_len]);
             loop {
                 let item = next.fetch_add(1, Ordering::Relaxed);
                 if item >= items {
@@ -291,7 +374,14 @@ impl Plan {
                             gemm::Parallelism::None,
                         )
                     };
+                    if let Some(g) = gdn {
+                        // SAFETY: the tile written above.
+                        unsafe { g.apply(dst, plane_out, n, &mut sq, &mut norm) };
+                    }
                 } else {
+                    for (oc, &bv) in self.bias.iter().enumerate() {
+                        tmp[oc * n..][..n].fill(bv);
+                    }
                     // SAFETY: tmp is [O, n] contiguous; lhs [O, k]; rhs [k, n].
                     unsafe {
                         gemm::gemm(
@@ -301,14 +391,14 @@ impl Plan {
                             tmp.as_mut_ptr(),
                             1,
                             n as isize,
-                            false,
+                            true,
                             phase.weight.as_ptr(),
                             1,
                             k as isize,
                             cols.as_ptr(),
                             1,
                             n as isize,
-                            0.0,
+                            1.0,
                             1.0,
                             false,
                             false,
@@ -316,8 +406,12 @@ impl Plan {
                             gemm::Parallelism::None,
                         )
                     };
+                    if let Some(g) = gdn {
+                        // SAFETY: tmp holds the [O, n] tile.
+                        unsafe { g.apply(tmp.as_mut_ptr(), n, n, &mut sq, &mut norm) };
+                    }
                     let (ry, rx) = phase.at;
-                    for (oc, &bv) in self.bias.iter().enumerate() {
+                    for oc in 0..o {
                         let src = &tmp[oc * n..][..n];
                         for (i, oy) in (oy0..oy1).enumerate() {
                             let row = (oy * u + ry) * w_out + rx;
@@ -325,7 +419,7 @@ impl Plan {
                             // `ox·u + rx`: only this phase and tile write them.
                             let dst = unsafe { out_b.add(oc * plane_out + row) };
                             for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
-                                unsafe { *dst.add(ox * u) = v + bv };
+                                unsafe { *dst.add(ox * u) = v };
                             }
                         }
                     }
@@ -347,7 +441,7 @@ impl Plan {
     }
 }
 
-impl CustomOp1 for CpuConv {
+impl CustomOp1 for ConvOp<'_> {
     fn name(&self) -> &'static str {
         "psic-cpu-conv"
     }
@@ -357,7 +451,7 @@ impl CustomOp1 for CpuConv {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let plan = &self.0;
+        let plan = self.plan;
         let (b, c, h, w) = layout.shape().dims4()?;
         if c != plan.c_in {
             candle_core::bail!(
@@ -365,8 +459,17 @@ impl CustomOp1 for CpuConv {
                 plan.c_in
             );
         }
+        if let Some(g) = self.gdn {
+            if g.beta.len() != plan.c_out {
+                candle_core::bail!(
+                    "cpu conv: GDN over {} channels after {}",
+                    g.beta.len(),
+                    plan.c_out
+                );
+            }
+        }
         let x = contiguous_f32(storage, layout, "cpu conv input")?;
-        let (out, h_out, w_out) = plan.run(x, (b, h, w));
+        let (out, h_out, w_out) = plan.run(x, (b, h, w), self.gdn);
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, plan.c_out, h_out, w_out)),
@@ -374,10 +477,15 @@ impl CustomOp1 for CpuConv {
     }
 }
 
-/// Applies `conv` to `x` when `x` is an f32 CPU tensor; `None` otherwise.
-pub(crate) fn apply(conv: &CpuConv, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// Applies `conv`, then `gdn` if given, to `x` when `x` is an f32 CPU tensor; `None` otherwise.
+pub(crate) fn apply(
+    conv: &CpuConv,
+    gdn: Option<&CpuGdn>,
+    x: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1_no_bwd(conv)?))
+    let op = ConvOp { plan: &conv.0, gdn };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }
