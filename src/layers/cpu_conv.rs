@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::tensor_util::contiguous_f32;
+use crate::tensor_util::{contiguous_f32, par_planes};
 
 /// Output columns (pixels) per tile, rounded to whole output rows: large enough for `gemm` to
 /// run near its peak, small enough that a thread's column buffer stays a few MB.
@@ -234,9 +234,11 @@ impl OutPtr {
 }
 
 impl Plan {
-    /// Writes the im2col columns of output rows `oy0..oy1` of `phase` for one image `xb`
-    /// `[C, H, W]` into `cols` `[C·taps, (oy1-oy0)·wo]`, zeros where a tap falls outside.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes the im2col columns of output rows `oy0..oy1` of `phase` for one image `xb` into
+    /// `cols` `[C·taps, (oy1-oy0)·wo]`, zeros where a tap falls outside. `xb` holds, per
+    /// channel, the `s`x`s` stride phases of the input (`[C, s, s, h, w]`, see
+    /// [`space_to_depth`]; the input itself when `s == 1`), so every tap is a run of contiguous
+    /// copies.
     fn fill_cols(
         &self,
         xb: &[f32],
@@ -246,43 +248,31 @@ impl Plan {
         wo: usize,
         cols: &mut [f32],
     ) {
-        let s = self.stride;
+        let s = self.stride as isize;
         let n = (oy1 - oy0) * wo;
         let nt = phase.taps.len();
+        let ss = self.stride * self.stride;
         for c in 0..self.c_in {
-            let plane = &xb[c * h * w..][..h * w];
             for (t, &(dy, dx)) in phase.taps.iter().enumerate() {
+                // Input (s·oy + dy, s·ox + dx) is row oy + qy, column ox + qx of phase (py, px).
+                let (py, qy) = (dy.rem_euclid(s) as usize, dy.div_euclid(s));
+                let (px, qx) = (dx.rem_euclid(s) as usize, dx.div_euclid(s));
+                let plane = &xb[(c * ss + py * self.stride + px) * h * w..][..h * w];
                 let row = &mut cols[(c * nt + t) * n..][..n];
-                // Output columns ox with 0 <= s·ox + dx < w.
-                let lo = if dx < 0 { (-dx) as usize } else { 0 }.div_ceil(s).min(wo);
-                let hi = if w as isize - dx <= 0 {
-                    0
-                } else {
-                    ((w as isize - dx - 1) as usize / s + 1).min(wo)
-                }
-                .max(lo);
+                // Output columns ox with 0 <= ox + qx < w.
+                let lo = (-qx).clamp(0, wo as isize) as usize;
+                let hi = (w as isize - qx).clamp(lo as isize, wo as isize) as usize;
                 for (i, oy) in (oy0..oy1).enumerate() {
                     let dst = &mut row[i * wo..][..wo];
-                    let iy = (oy * s) as isize + dy;
+                    let iy = oy as isize + qy;
                     if iy < 0 || iy >= h as isize {
                         dst.fill(0.0);
                         continue;
                     }
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
-                    if hi == lo {
-                        continue;
-                    }
-                    let x0 = ((lo * s) as isize + dx) as usize;
-                    let src = &plane[iy as usize * w + x0..];
-                    let dst = &mut dst[lo..hi];
-                    if s == 1 {
-                        dst.copy_from_slice(&src[..dst.len()]);
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d = src[j * s];
-                        }
-                    }
+                    let x0 = (lo as isize + qx) as usize;
+                    dst[lo..hi].copy_from_slice(&plane[iy as usize * w + x0..][..hi - lo]);
                 }
             }
         }
@@ -312,6 +302,14 @@ impl Plan {
         let direct = u == 1 && self.phases.len() == 1;
         let gemm_len = if direct { 0 } else { o * rows * wo };
         let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
+        // Stride phases of the input, so that im2col is made of contiguous copies.
+        let (xs, hs, ws) = if s > 1 {
+            space_to_depth(x, b * self.c_in, (h, w), s)
+        } else {
+            (Vec::new(), h, w)
+        };
+        let (x, h, w) = if s > 1 { (&xs[..], hs, ws) } else { (x, h, w) };
+        let plane_in = self.c_in * s * s * h * w;
         let next = AtomicUsize::new(0);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let plane_out = h_out * w_out;
@@ -334,7 +332,7 @@ impl Plan {
                 let n = (oy1 - oy0) * wo;
                 let k = self.c_in * phase.taps.len();
                 self.fill_cols(
-                    &x[bi * self.c_in * h * w..][..self.c_in * h * w],
+                    &x[bi * plane_in..][..plane_in],
                     (h, w),
                     phase,
                     (oy0, oy1),
@@ -439,6 +437,35 @@ impl Plan {
         }
         (out, h_out, w_out)
     }
+}
+
+/// `[N, H, W]` planes to their `s`x`s` stride phases `[N, s, s, ⌈H/s⌉, ⌈W/s⌉]`: phase
+/// `(py, px)` holds input `(s·Y + py, s·X + px)`, zero past the input's edge.
+fn space_to_depth(
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    s: usize,
+) -> (Vec<f32>, usize, usize) {
+    let (hs, ws) = (h.div_ceil(s), w.div_ceil(s));
+    let mut out = vec![0f32; planes * s * s * hs * ws];
+    par_planes(&mut out, s * s * hs * ws, 0, |p, dst, _| {
+        let src = &x[p * h * w..][..h * w];
+        for py in 0..s {
+            for px in 0..s {
+                let dst = &mut dst[(py * s + px) * hs * ws..][..hs * ws];
+                for (y, row) in src.chunks_exact(w).skip(py).step_by(s).enumerate() {
+                    for (d, &v) in dst[y * ws..][..ws]
+                        .iter_mut()
+                        .zip(row.iter().skip(px).step_by(s))
+                    {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    });
+    (out, hs, ws)
 }
 
 impl CustomOp1 for ConvOp<'_> {
