@@ -160,8 +160,8 @@ impl CpuConv {
         })))
     }
 
-    /// A transposed convolution with output size `s` x input size: `weight` `[C, O, k, k]`
-    /// (PyTorch layout), padding `p`, output padding `s - 1 - ...` such that `k + op = s + 2p`.
+    /// A transposed convolution `weight` `[C, O, k, k]` (PyTorch layout), stride `s`, padding
+    /// `p`, whose output is exactly `s` times its input (`k + output_padding = s + 2p`).
     pub(crate) fn transposed(
         weight: &Tensor,
         bias: &Tensor,
