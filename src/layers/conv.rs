@@ -33,14 +33,17 @@ fn weight_and_bias(
 
 /// A 2-D convolution with "same"-style padding `kernel / 2` (PyTorch `nn.Conv2d` semantics).
 ///
-/// Weights: `weight` `[out, in, k, k]`, `bias` `[out]`.
+/// Weights: `weight` `[out, in, k, k]`, `bias` `[out]`. With frozen weights (not trainable
+/// variables) on the CPU, f32 inputs take an inference-only op that passes no gradient back to
+/// the input.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
     padding: usize,
-    /// The tiled im2col + gemm form for frozen CPU weights (inference).
+    /// The tiled im2col + gemm form for frozen CPU weights (inference: it passes no gradient
+    /// back to its input).
     cpu: Option<CpuConv>,
 }
 
@@ -177,7 +180,8 @@ fn im2col_views(x: &Tensor, k: usize, s: usize, padding: usize) -> candle_core::
 /// A 2-D transposed convolution that exactly inverts the size change of a strided [`Conv2d`]:
 /// padding `kernel / 2`, output padding `stride - 1` (CompressAI's `deconv`).
 ///
-/// Weights: `weight` `[in, out, k, k]` (PyTorch layout), `bias` `[out]`.
+/// Weights: `weight` `[in, out, k, k]` (PyTorch layout), `bias` `[out]`. Frozen CPU weights
+/// take an inference-only op, as for [`Conv2d`].
 ///
 /// candle's CPU `conv_transpose2d` is a loop of dot products (several times slower than a
 /// convolution of the same size), so this layer computes the same result as *stride phases*:
@@ -194,7 +198,8 @@ pub struct ConvTranspose2d {
     output_padding: usize,
     /// Phase kernel `[out·s², in, K, K]`, its (left, right) padding; cached for frozen weights.
     phase: Option<(Tensor, usize, usize)>,
-    /// Per-phase im2col + gemm form for frozen CPU weights (inference).
+    /// Per-phase im2col + gemm form for frozen CPU weights (inference: it passes no gradient
+    /// back to its input).
     cpu: Option<CpuConv>,
 }
 

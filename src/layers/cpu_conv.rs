@@ -505,6 +505,9 @@ impl CustomOp1 for ConvOp<'_> {
 }
 
 /// Applies `conv`, then `gdn` if given, to `x` when `x` is an f32 CPU tensor; `None` otherwise.
+///
+/// The op has no backward pass: frozen layers are for inference, and no gradient reaches `x`
+/// through them (training builds its layers from trainable variables, which never get here).
 pub(crate) fn apply(
     conv: &CpuConv,
     gdn: Option<&CpuGdn>,
