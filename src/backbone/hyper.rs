@@ -59,6 +59,19 @@ impl HyperpriorCore {
         })
     }
 
+    /// `g_a`, each convolution fused with the GDN after it where the layers allow it.
+    pub(crate) fn analysis(&self, x: &Tensor) -> Result<Tensor> {
+        let (convs, gdns) = &self.g_a;
+        let mut h = x.clone();
+        for (i, conv) in convs.iter().enumerate() {
+            h = match gdns.get(i) {
+                Some(gdn) => conv.forward_gdn(&h, gdn)?,
+                None => conv.forward(&h)?,
+            };
+        }
+        Ok(h)
+    }
+
     /// `g_a`, calling `visit` with the output of each of its 7 layers (the last is `y`).
     pub(crate) fn analysis_with(
         &self,

@@ -89,7 +89,7 @@ impl LicBackbone for ScaleHyperprior {
     }
 
     fn analysis(&self, x: &Tensor) -> Result<Tensor> {
-        self.core.analysis_with(x, &mut |_| {})
+        self.core.analysis(x)
     }
 
     fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor> {
@@ -111,12 +111,12 @@ impl LicBackbone for ScaleHyperprior {
         let (convs, gdns) = &self.g_s;
         let mut h = y_hat.clone();
         for (i, conv) in convs.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if let Some(gdn) = gdns.get(i) {
-                h = gdn.forward(&h)?;
-                if let Some(t) = triggers {
-                    h = t.inject(i, &h)?;
-                }
+            h = match gdns.get(i) {
+                Some(gdn) => conv.forward_gdn(&h, gdn)?,
+                None => conv.forward(&h)?,
+            };
+            if let Some(t) = triggers.filter(|_| i < gdns.len()) {
+                h = t.inject(i, &h)?;
             }
         }
         Ok(h)

@@ -114,7 +114,7 @@ impl ResUp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.subpel_conv.forward(x)?.gelu_erf()?;
-        let h = self.igdn.forward(&self.conv.forward(&h)?)?;
+        let h = self.conv.forward_gdn(&h, &self.igdn)?;
         Ok((h + self.upsample.forward(x)?)?)
     }
 }
@@ -263,7 +263,7 @@ impl LicBackbone for PsicHy2018 {
     }
 
     fn analysis(&self, x: &Tensor) -> Result<Tensor> {
-        self.core.analysis_with(x, &mut |_| {})
+        self.core.analysis(x)
     }
 
     fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor> {

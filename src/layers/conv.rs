@@ -3,7 +3,14 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::cpu_conv::{self, CpuConv};
+use super::Gdn;
 use crate::Result;
+
+/// Whether `w` is a frozen (inference) weight on the CPU, where [`CpuConv`] applies.
+fn frozen_on_cpu(w: &Tensor) -> bool {
+    !w.is_variable() && w.device().is_cpu()
+}
 
 /// Loads (or creates with PyTorch's default init, uniform in ±1/sqrt(fan_in)) a kernel of
 /// `shape` and a bias of `out_channels` entries.
@@ -26,13 +33,18 @@ fn weight_and_bias(
 
 /// A 2-D convolution with "same"-style padding `kernel / 2` (PyTorch `nn.Conv2d` semantics).
 ///
-/// Weights: `weight` `[out, in, k, k]`, `bias` `[out]`.
+/// Weights: `weight` `[out, in, k, k]`, `bias` `[out]`. With frozen weights (not trainable
+/// variables) on the CPU, f32 inputs take an inference-only op that passes no gradient back to
+/// the input.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// The tiled im2col + gemm form for frozen CPU weights (inference: it passes no gradient
+    /// back to its input).
+    cpu: Option<CpuConv>,
 }
 
 impl Conv2d {
@@ -51,11 +63,15 @@ impl Conv2d {
             in_channels * kernel * kernel,
             out_channels,
         )?;
+        let cpu = frozen_on_cpu(&weight)
+            .then(|| CpuConv::conv(&weight, &bias, stride, kernel / 2))
+            .transpose()?;
         Ok(Self {
             weight,
             bias,
             stride,
             padding: kernel / 2,
+            cpu,
         })
     }
 
@@ -63,10 +79,25 @@ impl Conv2d {
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
+
+    /// `gdn(self(x))`, fused into one pass over each output tile for frozen CPU layers.
+    pub fn forward_gdn(&self, x: &Tensor, gdn: &Gdn) -> candle_core::Result<Tensor> {
+        if let (Some(conv), Some(g)) = (&self.cpu, gdn.cpu()) {
+            if let Some(y) = cpu_conv::apply(conv, Some(g), x)? {
+                return Ok(y);
+            }
+        }
+        gdn.forward(&self.forward(x)?)
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(conv) = &self.cpu {
+            if let Some(y) = cpu_conv::apply(conv, None, x)? {
+                return Ok(y);
+            }
+        }
         let train = self.weight.is_variable();
         let y = conv2d_auto(x, &self.weight, self.padding, self.stride, train)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -149,7 +180,8 @@ fn im2col_views(x: &Tensor, k: usize, s: usize, padding: usize) -> candle_core::
 /// A 2-D transposed convolution that exactly inverts the size change of a strided [`Conv2d`]:
 /// padding `kernel / 2`, output padding `stride - 1` (CompressAI's `deconv`).
 ///
-/// Weights: `weight` `[in, out, k, k]` (PyTorch layout), `bias` `[out]`.
+/// Weights: `weight` `[in, out, k, k]` (PyTorch layout), `bias` `[out]`. Frozen CPU weights
+/// take an inference-only op, as for [`Conv2d`].
 ///
 /// candle's CPU `conv_transpose2d` is a loop of dot products (several times slower than a
 /// convolution of the same size), so this layer computes the same result as *stride phases*:
@@ -166,6 +198,9 @@ pub struct ConvTranspose2d {
     output_padding: usize,
     /// Phase kernel `[out·s², in, K, K]`, its (left, right) padding; cached for frozen weights.
     phase: Option<(Tensor, usize, usize)>,
+    /// Per-phase im2col + gemm form for frozen CPU weights (inference: it passes no gradient
+    /// back to its input).
+    cpu: Option<CpuConv>,
 }
 
 impl ConvTranspose2d {
@@ -190,9 +225,18 @@ impl ConvTranspose2d {
             padding: kernel / 2,
             output_padding: stride - 1,
             phase: None,
+            cpu: None,
         };
         if !layer.weight.is_variable() {
             layer.phase = Some(layer.phase_kernel()?);
+            if layer.phase_form() && frozen_on_cpu(&layer.weight) {
+                layer.cpu = Some(CpuConv::transposed(
+                    &layer.weight,
+                    &layer.bias,
+                    stride,
+                    layer.padding,
+                )?);
+            }
         }
         Ok(layer)
     }
@@ -252,6 +296,21 @@ impl ConvTranspose2d {
         Ok((kernel.contiguous()?, (-d_min) as usize, d_max as usize))
     }
 
+    /// `gdn(self(x))`, fused into one pass over each output tile for frozen CPU layers.
+    pub fn forward_gdn(&self, x: &Tensor, gdn: &Gdn) -> candle_core::Result<Tensor> {
+        if let (Some(conv), Some(g)) = (&self.cpu, gdn.cpu()) {
+            if let Some(y) = cpu_conv::apply(conv, Some(g), x)? {
+                return Ok(y);
+            }
+        }
+        gdn.forward(&self.forward(x)?)
+    }
+
+    /// The phase form needs output = stride x input, which CompressAI's deconv always gives.
+    fn phase_form(&self) -> bool {
+        self.output_padding + self.weight.dims()[2] == self.stride + 2 * self.padding
+    }
+
     /// The reference path: candle's own `conv_transpose2d` (slow on CPU; used in tests).
     pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.conv_transpose2d(
@@ -267,10 +326,13 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // The phase form needs output = stride x input, which CompressAI's deconv always gives.
-        let k = self.weight.dims()[2];
-        if self.output_padding + k != self.stride + 2 * self.padding {
+        if !self.phase_form() {
             return self.forward_reference(x);
+        }
+        if let Some(conv) = &self.cpu {
+            if let Some(y) = cpu_conv::apply(conv, None, x)? {
+                return Ok(y);
+            }
         }
         let (kernel, left, right) = match &self.phase {
             Some((w, l, r)) => (w.clone(), *l, *r),
@@ -404,11 +466,106 @@ mod tests {
     }
 
     #[test]
+    fn cpu_convolution_equals_candle() {
+        // Frozen weights take the tiled im2col + gemm path; sizes include odd ones and images
+        // of several tiles.
+        let dev = Device::Cpu;
+        for &(k, s, h, w) in &[
+            (5, 2, 13, 11),
+            (3, 1, 9, 7),
+            (1, 1, 5, 6),
+            (5, 2, 70, 50),
+            (3, 1, 41, 37),
+        ] {
+            let wt = Tensor::randn(0f32, 0.3, (4, 3, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), wt.clone()),
+                ("bias".to_string(), bias.clone()),
+            ]);
+            let conv = Conv2d::new(
+                VarBuilder::from_tensors(tensors, DType::F32, &dev),
+                3,
+                4,
+                k,
+                s,
+            )
+            .unwrap();
+            assert!(conv.cpu.is_some());
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            let reference = x
+                .conv2d(&wt, k / 2, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k={k} s={s}");
+            assert!(max_diff(&ours, &reference) < 1e-5, "k={k} s={s}");
+        }
+    }
+
+    #[test]
+    fn fused_gdn_equals_convolution_then_gdn() {
+        // Frozen layers on the CPU fuse the (I)GDN into the convolution's output tiles; the
+        // reference is the unfused convolution followed by the GDN's own tensor ops.
+        let dev = Device::Cpu;
+        let frozen = |varmap: &candle_nn::VarMap| {
+            let t: std::collections::HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+                .collect();
+            VarBuilder::from_tensors(t, DType::F32, &dev)
+        };
+        for inverse in [false, true] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = crate::init::seeded_var_builder(&varmap, 5, DType::F32, &dev);
+            Conv2d::new(vb.pp("c"), 3, 6, 5, 2).unwrap();
+            ConvTranspose2d::new(vb.pp("t"), 6, 6, 5, 2).unwrap();
+            Gdn::new(vb.pp("g"), 6, inverse).unwrap();
+            // Non-trivial gamma off-diagonals and beta.
+            for (name, v) in varmap.data().lock().unwrap().iter() {
+                if name.starts_with("g.") {
+                    let r = Tensor::rand(0.2f32, 1.0, v.dims(), &dev).unwrap();
+                    v.set(&r).unwrap();
+                }
+            }
+            let vb = frozen(&varmap);
+            let conv = Conv2d::new(vb.pp("c"), 3, 6, 5, 2).unwrap();
+            let deconv = ConvTranspose2d::new(vb.pp("t"), 6, 6, 5, 2).unwrap();
+            let gdn = Gdn::new(vb.pp("g"), 6, inverse).unwrap();
+            assert!(gdn.cpu().is_some());
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 45, 37), &dev).unwrap();
+            let a = conv.forward_gdn(&x, &gdn).unwrap();
+            let b = gdn.forward(&conv.forward(&x).unwrap()).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "conv + gdn: {}", max_diff(&a, &b));
+            let a = deconv.forward_gdn(&a, &gdn).unwrap();
+            let b = gdn.forward(&deconv.forward(&b).unwrap()).unwrap();
+            assert_eq!(a.dims(), &[2, 6, 46, 38]);
+            assert!(
+                max_diff(&a, &b) < 1e-4,
+                "deconv + gdn: {}",
+                max_diff(&a, &b)
+            );
+        }
+    }
+
+    #[test]
     fn phase_form_equals_transposed_convolution() {
-        for (k, s) in [(5, 2), (3, 2), (4, 2), (5, 4), (3, 1)] {
+        for (k, s, h, w) in [
+            (5, 2, 7, 9),
+            (3, 2, 7, 9),
+            (4, 2, 7, 9),
+            (5, 4, 7, 9),
+            (3, 1, 7, 9),
+            (5, 2, 30, 41),
+        ] {
             for trainable in [false, true] {
                 let l = layer(6, 5, k, s, trainable);
-                let x = Tensor::randn(0f32, 1.0, (2, 6, 7, 9), &Device::Cpu).unwrap();
+                assert_eq!(l.cpu.is_some(), !trainable && l.phase_form(), "k={k} s={s}");
+                let x = Tensor::randn(0f32, 1.0, (2, 6, h, w), &Device::Cpu).unwrap();
                 let a = l.forward(&x).unwrap();
                 let b = l.forward_reference(&x).unwrap();
                 assert_eq!(a.dims(), b.dims(), "k={k} s={s}");

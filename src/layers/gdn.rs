@@ -3,7 +3,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::cpu_conv::CpuGdn;
 use crate::Result;
+use std::sync::Arc;
 
 /// CompressAI's reparametrisation offset: `2^-18`.
 const REPARAM_OFFSET: f64 = 1.0 / 262_144.0;
@@ -28,6 +30,8 @@ pub struct Gdn {
     /// training, so optimiser updates of the stored parameters take effect.
     cached: Option<(Tensor, Tensor)>,
     inverse: bool,
+    /// The effective parameters as plain vectors, for the fused CPU convolution epilogue.
+    cpu: Option<Arc<CpuGdn>>,
 }
 
 fn reparametrise(p: &Tensor, bound: f64, pedestal: f64) -> candle_core::Result<Tensor> {
@@ -58,11 +62,21 @@ impl Gdn {
             gamma_p,
             cached: None,
             inverse,
+            cpu: None,
         };
         if !gdn.beta_p.is_variable() && !gdn.gamma_p.is_variable() {
-            gdn.cached = Some(gdn.effective()?);
+            let (beta, gamma) = gdn.effective()?;
+            if beta.device().is_cpu() {
+                gdn.cpu = Some(Arc::new(CpuGdn::new(&beta, &gamma, inverse)?));
+            }
+            gdn.cached = Some((beta, gamma));
         }
         Ok(gdn)
+    }
+
+    /// The fused-epilogue form (frozen CPU layers only).
+    pub(crate) fn cpu(&self) -> Option<&CpuGdn> {
+        self.cpu.as_deref()
     }
 
     /// The effective `(beta, gamma)` from the stored parameters.

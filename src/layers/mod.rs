@@ -5,6 +5,7 @@
 //! creates trainable variables when the builder is backed by a `VarMap`.
 
 mod conv;
+mod cpu_conv;
 mod gdn;
 mod im2col;
 mod subpel;

@@ -1,0 +1,521 @@
+//! Inference convolutions on the CPU as tiled im2col + one `gemm` call per tile.
+//!
+//! candle's CPU `conv2d` gathers its im2col tiles element by element from an NHWC copy of the
+//! input, which costs more than its matrix products here. This op keeps NCHW, builds each tile's
+//! columns with row copies (strided for stride 2), splits tiles over threads (each running a
+//! single-threaded `gemm`, so there is no per-tile thread hand-off) and adds the bias in place.
+//!
+//! The same op serves transposed convolutions in stride-phase form: each output phase
+//! `(ry, rx)` keeps only its own kernel taps (a 5x5 stride-2 kernel has 9, 6, 6 and 4), so no
+//! multiply is spent on the zero taps that a single padded phase kernel would carry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::tensor_util::{contiguous_f32, par_planes};
+
+/// Output columns (pixels) per tile, rounded to whole output rows: large enough for `gemm` to
+/// run near its peak, small enough that a thread's column buffer stays a few MB.
+const TILE_COLUMNS: usize = 512;
+
+/// One output phase: the pixels `(u·oy + ry, u·ox + rx)` of the output.
+#[derive(Debug)]
+struct Phase {
+    /// Input offsets `(dy, dx)` of the taps, relative to `(s·oy, s·ox)`.
+    taps: Vec<(isize, isize)>,
+    /// `[O, C·taps]`, column `c·taps + t`.
+    weight: Vec<f32>,
+    /// Sub-pixel `(ry, rx)` of this phase in the `u`x`u` output cell.
+    at: (usize, usize),
+}
+
+/// A frozen convolution (or transposed convolution in phase form) for [`apply`].
+#[derive(Debug, Clone)]
+pub(crate) struct CpuConv(Arc<Plan>);
+
+/// A frozen GDN (or IGDN) applied to each output tile of a [`CpuConv`] while it is in cache:
+/// `y = x / sqrt(beta + gamma · x²)` (`x * sqrt(...)` when inverse), per pixel over channels.
+#[derive(Debug)]
+pub(crate) struct CpuGdn {
+    /// Effective `gamma` `[C, C]`, row-major.
+    gamma: Vec<f32>,
+    /// Effective `beta` `[C]`.
+    beta: Vec<f32>,
+    inverse: bool,
+}
+
+impl CpuGdn {
+    /// From the effective (already reparametrised) `beta` `[C]` and `gamma` `[C, C]`.
+    pub(crate) fn new(beta: &Tensor, gamma: &Tensor, inverse: bool) -> candle_core::Result<Self> {
+        Ok(Self {
+            gamma: values(gamma)?,
+            beta: values(beta)?,
+            inverse,
+        })
+    }
+
+    /// Normalises the `[C, n]` tile at `data` (row stride `rs`) in place; `sq` and `norm` are
+    /// scratch of at least `C·n` floats.
+    ///
+    /// # Safety
+    /// `data` must point to `C` rows of `n` writable floats, `rs` apart.
+    unsafe fn apply(&self, data: *mut f32, rs: usize, n: usize, sq: &mut [f32], norm: &mut [f32]) {
+        let c = self.beta.len();
+        for ch in 0..c {
+            let row = std::slice::from_raw_parts(data.add(ch * rs), n);
+            for (s, &v) in sq[ch * n..][..n].iter_mut().zip(row) {
+                *s = v * v;
+            }
+            norm[ch * n..][..n].fill(self.beta[ch]);
+        }
+        // norm = beta + gamma · x²
+        gemm::gemm(
+            c,
+            n,
+            c,
+            norm.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            self.gamma.as_ptr(),
+            1,
+            c as isize,
+            sq.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        for ch in 0..c {
+            let row = std::slice::from_raw_parts_mut(data.add(ch * rs), n);
+            for (v, &nv) in row.iter_mut().zip(&norm[ch * n..][..n]) {
+                if self.inverse {
+                    *v *= nv.sqrt();
+                } else {
+                    *v /= nv.sqrt();
+                }
+            }
+        }
+    }
+}
+
+/// The op: a convolution plan and an optional GDN epilogue.
+struct ConvOp<'a> {
+    plan: &'a Plan,
+    gdn: Option<&'a CpuGdn>,
+}
+
+#[derive(Debug)]
+struct Plan {
+    c_in: usize,
+    c_out: usize,
+    /// Input stride between neighbouring output positions of one phase.
+    stride: usize,
+    /// Output up-sampling factor (1 for a convolution, the stride for a transposed one).
+    up: usize,
+    /// The output grid of a phase has `(h - shrink - 1) / stride + 1` rows.
+    shrink: isize,
+    phases: Vec<Phase>,
+    bias: Vec<f32>,
+}
+
+/// The f32 values of a tensor, flattened (weights and biases are small).
+fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+impl CpuConv {
+    /// A `k`x`k` convolution, stride `s`, padding `p`: `weight` `[O, C, k, k]`, `bias` `[O]`.
+    pub(crate) fn conv(
+        weight: &Tensor,
+        bias: &Tensor,
+        s: usize,
+        p: usize,
+    ) -> candle_core::Result<Self> {
+        let (c_out, c_in, k, _) = weight.dims4()?;
+        let p_i = p as isize;
+        let taps = (0..k * k)
+            .map(|t| ((t / k) as isize - p_i, (t % k) as isize - p_i))
+            .collect();
+        Ok(Self(Arc::new(Plan {
+            c_in,
+            c_out,
+            stride: s,
+            up: 1,
+            shrink: k as isize - 1 - 2 * p_i,
+            phases: vec![Phase {
+                taps,
+                weight: values(weight)?,
+                at: (0, 0),
+            }],
+            bias: values(bias)?,
+        })))
+    }
+
+    /// A transposed convolution `weight` `[C, O, k, k]` (PyTorch layout), stride `s`, padding
+    /// `p`, whose output is exactly `s` times its input (`k + output_padding = s + 2p`).
+    pub(crate) fn transposed(
+        weight: &Tensor,
+        bias: &Tensor,
+        s: usize,
+        p: usize,
+    ) -> candle_core::Result<Self> {
+        let (c_in, c_out, k, _) = weight.dims4()?;
+        let w = values(weight)?;
+        let (s_i, p_i, k_i) = (s as isize, p as isize, k as isize);
+        // Output row s·Y + r meets input row Y + d through kernel row ky = r + p - s·d.
+        let rows = |r: isize| -> Vec<(isize, usize)> {
+            (-k_i..=k_i)
+                .filter_map(|d| {
+                    let ky = r + p_i - s_i * d;
+                    (0..k_i).contains(&ky).then_some((d, ky as usize))
+                })
+                .collect()
+        };
+        let mut phases = Vec::with_capacity(s * s);
+        for ry in 0..s {
+            for rx in 0..s {
+                let taps: Vec<_> = rows(ry as isize)
+                    .into_iter()
+                    .flat_map(|(dy, ky)| {
+                        rows(rx as isize)
+                            .into_iter()
+                            .map(move |(dx, kx)| ((dy, dx), (ky, kx)))
+                    })
+                    .collect();
+                let nt = taps.len();
+                let mut pw = vec![0f32; c_out * c_in * nt];
+                for o in 0..c_out {
+                    for c in 0..c_in {
+                        for (t, &(_, (ky, kx))) in taps.iter().enumerate() {
+                            pw[(o * c_in + c) * nt + t] = w[((c * c_out + o) * k + ky) * k + kx];
+                        }
+                    }
+                }
+                phases.push(Phase {
+                    taps: taps.into_iter().map(|(d, _)| d).collect(),
+                    weight: pw,
+                    at: (ry, rx),
+                });
+            }
+        }
+        Ok(Self(Arc::new(Plan {
+            c_in,
+            c_out,
+            stride: 1,
+            up: s,
+            shrink: 0,
+            phases,
+            bias: values(bias)?,
+        })))
+    }
+}
+
+/// A raw output pointer shared by the worker threads, which write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every (batch, phase, row tile) work item writes a disjoint set of output elements.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Plan {
+    /// Writes the im2col columns of output rows `oy0..oy1` of `phase` for one image `xb` into
+    /// `cols` `[C·taps, (oy1-oy0)·wo]`, zeros where a tap falls outside. `xb` holds, per
+    /// channel, the `s`x`s` stride phases of the input (`[C, s, s, h, w]`, see
+    /// [`space_to_depth`]; the input itself when `s == 1`), so every tap is a run of contiguous
+    /// copies.
+    fn fill_cols(
+        &self,
+        xb: &[f32],
+        (h, w): (usize, usize),
+        phase: &Phase,
+        (oy0, oy1): (usize, usize),
+        wo: usize,
+        cols: &mut [f32],
+    ) {
+        let s = self.stride as isize;
+        let n = (oy1 - oy0) * wo;
+        let nt = phase.taps.len();
+        let ss = self.stride * self.stride;
+        for c in 0..self.c_in {
+            for (t, &(dy, dx)) in phase.taps.iter().enumerate() {
+                // Input (s·oy + dy, s·ox + dx) is row oy + qy, column ox + qx of phase (py, px).
+                let (py, qy) = (dy.rem_euclid(s) as usize, dy.div_euclid(s));
+                let (px, qx) = (dx.rem_euclid(s) as usize, dx.div_euclid(s));
+                let plane = &xb[(c * ss + py * self.stride + px) * h * w..][..h * w];
+                let row = &mut cols[(c * nt + t) * n..][..n];
+                // Output columns ox with 0 <= ox + qx < w.
+                let lo = (-qx).clamp(0, wo as isize) as usize;
+                let hi = (w as isize - qx).clamp(lo as isize, wo as isize) as usize;
+                for (i, oy) in (oy0..oy1).enumerate() {
+                    let dst = &mut row[i * wo..][..wo];
+                    let iy = oy as isize + qy;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    let x0 = (lo as isize + qx) as usize;
+                    dst[lo..hi].copy_from_slice(&plane[iy as usize * w + x0..][..hi - lo]);
+                }
+            }
+        }
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        (b, h, w): (usize, usize, usize),
+        gdn: Option<&CpuGdn>,
+    ) -> (Vec<f32>, usize, usize) {
+        let (s, u, o) = (self.stride, self.up, self.c_out);
+        let span = h as isize - self.shrink - 1;
+        let ho = if span < 0 { 0 } else { span as usize / s + 1 };
+        let span = w as isize - self.shrink - 1;
+        let wo = if span < 0 { 0 } else { span as usize / s + 1 };
+        let (h_out, w_out) = (ho * u, wo * u);
+        let mut out = vec![0f32; b * o * h_out * w_out];
+        if ho == 0 || wo == 0 {
+            return (out, h_out, w_out);
+        }
+        let rows = (TILE_COLUMNS / wo).clamp(1, ho);
+        let tiles = ho.div_ceil(rows);
+        let items = b * self.phases.len() * tiles;
+        let max_taps = self.phases.iter().map(|p| p.taps.len()).max().unwrap_or(0);
+        let cols_len = self.c_in * max_taps * rows * wo;
+        let direct = u == 1 && self.phases.len() == 1;
+        let gemm_len = if direct { 0 } else { o * rows * wo };
+        let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
+        // Stride phases of the input, so that im2col is made of contiguous copies.
+        let (xs, hs, ws) = if s > 1 {
+            space_to_depth(x, b * self.c_in, (h, w), s)
+        } else {
+            (Vec::new(), h, w)
+        };
+        let (x, h, w) = if s > 1 { (&xs[..], hs, ws) } else { (x, h, w) };
+        let plane_in = self.c_in * s * s * h * w;
+        let next = AtomicUsize::new(0);
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let plane_out = h_out * w_out;
+        let worker = || {
+            let mut cols = vec![0f32; cols_len];
+            let mut tmp = vec![0f32; gemm_len];
+            let (mut sq, mut norm) = (vec![0f32; gdn_len], vec![0f32; gdn_len]);
+            loop {
+                let item = next.fetch_add(1, Ordering::Relaxed);
+                if item >= items {
+                    break;
+                }
+                let (bi, rest) = (
+                    item / (self.phases.len() * tiles),
+                    item % (self.phases.len() * tiles),
+                );
+                let (pi, ti) = (rest / tiles, rest % tiles);
+                let phase = &self.phases[pi];
+                let (oy0, oy1) = (ti * rows, ((ti + 1) * rows).min(ho));
+                let n = (oy1 - oy0) * wo;
+                let k = self.c_in * phase.taps.len();
+                self.fill_cols(
+                    &x[bi * plane_in..][..plane_in],
+                    (h, w),
+                    phase,
+                    (oy0, oy1),
+                    wo,
+                    &mut cols,
+                );
+                let out_b = unsafe { out_ptr.get().add(bi * o * plane_out) };
+                if direct {
+                    // The bias first, then the product accumulated onto it, in the output.
+                    let dst = unsafe { out_b.add(oy0 * wo) };
+                    for (oc, &bv) in self.bias.iter().enumerate() {
+                        // SAFETY: row oc of this tile lies inside `out` and belongs to this item.
+                        unsafe { std::slice::from_raw_parts_mut(dst.add(oc * plane_out), n) }
+                            .fill(bv);
+                    }
+                    // SAFETY: dst is [O, n] with row stride plane_out; lhs [O, k]; rhs [k, n].
+                    unsafe {
+                        gemm::gemm(
+                            o,
+                            n,
+                            k,
+                            dst,
+                            1,
+                            plane_out as isize,
+                            true,
+                            phase.weight.as_ptr(),
+                            1,
+                            k as isize,
+                            cols.as_ptr(),
+                            1,
+                            n as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    };
+                    if let Some(g) = gdn {
+                        // SAFETY: the tile written above.
+                        unsafe { g.apply(dst, plane_out, n, &mut sq, &mut norm) };
+                    }
+                } else {
+                    for (oc, &bv) in self.bias.iter().enumerate() {
+                        tmp[oc * n..][..n].fill(bv);
+                    }
+                    // SAFETY: tmp is [O, n] contiguous; lhs [O, k]; rhs [k, n].
+                    unsafe {
+                        gemm::gemm(
+                            o,
+                            n,
+                            k,
+                            tmp.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            true,
+                            phase.weight.as_ptr(),
+                            1,
+                            k as isize,
+                            cols.as_ptr(),
+                            1,
+                            n as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    };
+                    if let Some(g) = gdn {
+                        // SAFETY: tmp holds the [O, n] tile.
+                        unsafe { g.apply(tmp.as_mut_ptr(), n, n, &mut sq, &mut norm) };
+                    }
+                    let (ry, rx) = phase.at;
+                    for oc in 0..o {
+                        let src = &tmp[oc * n..][..n];
+                        for (i, oy) in (oy0..oy1).enumerate() {
+                            let row = (oy * u + ry) * w_out + rx;
+                            // SAFETY: output row `oy·u + ry` of channel oc, columns
+                            // `ox·u + rx`: only this phase and tile write them.
+                            let dst = unsafe { out_b.add(oc * plane_out + row) };
+                            for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
+                                unsafe { *dst.add(ox * u) = v };
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let threads = candle_core::utils::get_num_threads().clamp(1, items);
+        if threads == 1 {
+            worker();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    scope.spawn(worker);
+                }
+                worker();
+            });
+        }
+        (out, h_out, w_out)
+    }
+}
+
+/// `[N, H, W]` planes to their `s`x`s` stride phases `[N, s, s, ⌈H/s⌉, ⌈W/s⌉]`: phase
+/// `(py, px)` holds input `(s·Y + py, s·X + px)`, zero past the input's edge.
+fn space_to_depth(
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    s: usize,
+) -> (Vec<f32>, usize, usize) {
+    let (hs, ws) = (h.div_ceil(s), w.div_ceil(s));
+    let mut out = vec![0f32; planes * s * s * hs * ws];
+    par_planes(&mut out, s * s * hs * ws, 0, |p, dst, _| {
+        let src = &x[p * h * w..][..h * w];
+        for py in 0..s {
+            for px in 0..s {
+                let dst = &mut dst[(py * s + px) * hs * ws..][..hs * ws];
+                for (y, row) in src.chunks_exact(w).skip(py).step_by(s).enumerate() {
+                    for (d, &v) in dst[y * ws..][..ws]
+                        .iter_mut()
+                        .zip(row.iter().skip(px).step_by(s))
+                    {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    });
+    (out, hs, ws)
+}
+
+impl CustomOp1 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "psic-cpu-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let plan = self.plan;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        if c != plan.c_in {
+            candle_core::bail!(
+                "cpu conv: input has {c} channels, kernel expects {}",
+                plan.c_in
+            );
+        }
+        if let Some(g) = self.gdn {
+            if g.beta.len() != plan.c_out {
+                candle_core::bail!(
+                    "cpu conv: GDN over {} channels after {}",
+                    g.beta.len(),
+                    plan.c_out
+                );
+            }
+        }
+        let x = contiguous_f32(storage, layout, "cpu conv input")?;
+        let (out, h_out, w_out) = plan.run(x, (b, h, w), self.gdn);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, plan.c_out, h_out, w_out)),
+        ))
+    }
+}
+
+/// Applies `conv`, then `gdn` if given, to `x` when `x` is an f32 CPU tensor; `None` otherwise.
+///
+/// The op has no backward pass: frozen layers are for inference, and no gradient reaches `x`
+/// through them (training builds its layers from trainable variables, which never get here).
+pub(crate) fn apply(
+    conv: &CpuConv,
+    gdn: Option<&CpuGdn>,
+    x: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let op = ConvOp { plan: &conv.0, gdn };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+}
