@@ -104,7 +104,8 @@ impl Module for Conv2d {
     }
 }
 
-/// candle's `conv2d` for inference; when training on the CPU, [`conv2d_gemm`], whose
+/// candle's `conv2d` where psic's CPU op does not apply (other devices, or inputs it declines);
+/// when training on the CPU, [`conv2d_gemm`], whose
 /// backward pass is two matrix products instead of candle's transposed-convolution loop.
 fn conv2d_auto(
     x: &Tensor,
