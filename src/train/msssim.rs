@@ -43,6 +43,14 @@ impl Distortion {
         }
     }
 
+    /// The config's spelling: `mse` or `ms-ssim`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Distortion::Mse => "mse",
+            Distortion::MsSsim => "ms-ssim",
+        }
+    }
+
     /// Smallest square crop the term accepts (MS-SSIM's five scales need sides over 160).
     pub fn min_side(self) -> usize {
         match self {

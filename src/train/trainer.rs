@@ -202,11 +202,30 @@ impl TrainConfig {
         }
         if (self.crop as usize) < self.distortion.min_side() {
             return bad(format!(
-                "{:?} distortion needs crops of at least {} pixels, got {}",
-                self.distortion,
+                "the {} distortion needs crops of at least {} pixels, got {}",
+                self.distortion.name(),
                 self.distortion.min_side(),
                 self.crop
             ));
+        }
+        let mut weights = vec![("lambda", self.lambda)];
+        if let Some(s) = &self.shield {
+            weights.extend([
+                ("lambda_full", s.lambda_full),
+                ("lambda_shielded", s.lambda_shielded),
+                ("lambda_shield", s.lambda_shield),
+                ("lambda_keep", s.lambda_keep),
+                ("clean_weight", s.clean_weight),
+                ("noisy_weight", s.noisy_weight),
+            ]);
+        }
+        for (name, v) in [("lr", self.lr), ("clip", self.clip)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        if let Some((name, v)) = weights.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            return bad(format!("{name} must be a non-negative number, got {v}"));
         }
         if self.stage == 0 && self.init.is_none() && (self.n == 0 || self.m == 0) {
             return bad("a fresh stage-0 run needs n and m".into());
@@ -1010,6 +1029,53 @@ pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_settings_are_refused_with_the_field_named() {
+        let base = r#"
+            stage = 1
+            init = "m.safetensors"
+            data = "d"
+            crop = 256
+            batch = 2
+            steps = 5
+            lr = 1e-4
+            [shield]
+            target = "efficientnet-lite"
+            weights = "w"
+            lambda_full = 0.01
+            lambda_shielded = 0.01
+            lambda_shield = 0.3
+        "#;
+        let parse =
+            |edit: &dyn Fn(&str) -> String| -> TrainConfig { toml::from_str(&edit(base)).unwrap() };
+        assert!(parse(&|b| b.to_string()).check().is_ok());
+        for (edit, field) in [
+            (("stage = 1", "stage = 3"), "stage"),
+            (("crop = 256", "crop = 100"), "multiple of 64"),
+            (("lr = 1e-4", "lr = 0.0"), "lr"),
+            (
+                ("lambda_shield = 0.3", "lambda_shield = -0.3"),
+                "lambda_shield",
+            ),
+            (("lambda_full = 0.01", "lambda_full = nan"), "lambda_full"),
+            (
+                (
+                    "lambda_shield = 0.3",
+                    "lambda_shield = 0.3\nlambda_keep = -1.0",
+                ),
+                "lambda_keep",
+            ),
+            (
+                ("crop = 256", "crop = 128\ndistortion = \"ms-ssim\""),
+                "ms-ssim",
+            ),
+        ] {
+            let cfg = parse(&|b| b.replacen(edit.0, edit.1, 1));
+            let err = cfg.check().expect_err(edit.1).to_string();
+            assert!(err.contains(field), "{}: {err}", edit.1);
+        }
+    }
 
     #[test]
     fn kl_divergence_matches_a_hand_computation() {
