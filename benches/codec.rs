@@ -85,6 +85,8 @@ fn train_step(c: &mut Criterion) {
     use psic::init::{seeded_var_builder, SplitMix64};
     use psic::train::{rd_forward, rd_loss, uniform_noise};
 
+    // As `psic train` does: freed tensor buffers are reused by the next step (psic::alloc).
+    psic::alloc::reuse_freed_memory();
     let dev = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, DType::F32, &dev);

@@ -778,6 +778,13 @@ fn progress(label: &str, done: usize, total: usize, start: Instant) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(
+        args.first().map(String::as_str),
+        Some("bench" | "train" | "eval")
+    ) {
+        // Long, allocation-heavy jobs: keep freed tensor buffers for reuse (psic::alloc).
+        psic::alloc::reuse_freed_memory();
+    }
     let result = match args.first().map(String::as_str) {
         Some("convert") => convert(&args[1..]),
         Some("encode") => encode(&args[1..]),

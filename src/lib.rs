@@ -21,6 +21,7 @@
 //!   of the evaluation.
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod backbone;
 pub mod baseline;
 pub mod bitstream;
