@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the default model's stages on a lent GPU machine (see docs/TRAINING.md, "GPU").
 #
-# Expects, in the repository root on the GPU machine:
+# Expects, in the repository root on the GPU machine (scripts/gpu-prepare.sh makes them):
 #   gpu-carry/psic.xz                   the example binary built with --features cuda (xz'd):
 #     source ../shared/gpu/env.sh && CARGO_TARGET_DIR=/work/cuda-target cargo build --release \
 #       --no-default-features --features cuda --example psic
