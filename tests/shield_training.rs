@@ -3,6 +3,8 @@
 //! must lose the target's reading of the images while the full decode keeps it, with both
 //! PSNRs within the bounds stated below. (CPU, about a minute and a half in release builds.)
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{Device, Module, Tensor};
 use psic::init::SplitMix64;
 use psic::targets::SemanticTarget;
@@ -211,7 +213,7 @@ impl SemanticTarget for ColourTarget {
 }
 
 /// A folder of 12 captioned 64x64 colour images and a tiny plain model (N 8, M 12) in it.
-fn colour_folder(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+fn colour_folder(tag: &str) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("psic-shield-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let colours = [
@@ -248,34 +250,40 @@ fn colour_folder(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     (dir, plain)
 }
 
+/// Stage 1 on a [`colour_folder`] against the colour target, batches of 3 crops of 64 px;
+/// `run` adds top-level settings (steps, lr, seed), `shield` lines at the end of `[shield]`.
+fn colour_stage1(dir: &Path, plain: &Path, run: &str, shield: &str) -> TrainConfig {
+    toml::from_str(&format!(
+        r#"
+stage = 1
+init = {plain:?}
+data = {dir:?}
+eval_percent = 0
+crop = 64
+batch = 3
+{run}
+[shield]
+target = "colour"
+weights = "none"
+lambda_full = 0.01
+lambda_shielded = 0.01
+lambda_shield = 1.0
+{shield}
+"#
+    ))
+    .unwrap()
+}
+
 #[test]
 fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
     let (dir, plain) = colour_folder("captions");
     let dev = Device::Cpu;
-    let cfg: TrainConfig = toml::from_str(&format!(
-        r#"
-        stage = 1
-        init = {plain:?}
-        data = {dir:?}
-        eval_percent = 0
-        crop = 64
-        batch = 3
-        steps = 10
-        lr = 1e-3
-        seed = 5
-        [shield]
-        target = "colour"
-        weights = "none"
-        lambda_full = 0.01
-        lambda_shielded = 0.01
-        lambda_shield = 1.0
-        lambda_keep = 0.5
-        [shield.augment]
-        probability = 0.7
-        min_scale = 0.5
-        "#
-    ))
-    .unwrap();
+    let cfg = colour_stage1(
+        &dir,
+        &plain,
+        "steps = 10\nlr = 1e-3\nseed = 5",
+        "lambda_keep = 0.5\n[shield.augment]\nprobability = 0.7\nmin_scale = 0.5",
+    );
     let mut a = Trainer::with_target(cfg, &dev, Some(Box::new(ColourTarget(dev.clone())))).unwrap();
     let first = a.step().unwrap();
     // Caption mode: the split is over the batch's own 3 captions.
@@ -319,27 +327,12 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
 fn frozen_analysis_keeps_the_backbone_bitstream_side_unchanged() {
     let (dir, plain) = colour_folder("frozen");
     let dev = Device::Cpu;
-    let cfg: TrainConfig = toml::from_str(&format!(
-        r#"
-        stage = 1
-        init = {plain:?}
-        data = {dir:?}
-        eval_percent = 0
-        crop = 64
-        batch = 3
-        steps = 3
-        lr = 1e-2
-        seed = 9
-        [shield]
-        target = "colour"
-        weights = "none"
-        lambda_full = 0.01
-        lambda_shielded = 0.01
-        lambda_shield = 1.0
-        freeze_analysis = true
-        "#
-    ))
-    .unwrap();
+    let cfg = colour_stage1(
+        &dir,
+        &plain,
+        "steps = 3\nlr = 1e-2\nseed = 9",
+        "freeze_analysis = true",
+    );
     let mut trainer =
         Trainer::with_target(cfg, &dev, Some(Box::new(ColourTarget(dev.clone())))).unwrap();
     for _ in 0..3 {
