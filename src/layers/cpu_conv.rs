@@ -340,74 +340,49 @@ impl Plan {
                     &mut cols,
                 );
                 let out_b = unsafe { out_ptr.get().add(bi * o * plane_out) };
-                if direct {
-                    // The bias first, then the product accumulated onto it, in the output.
-                    let dst = unsafe { out_b.add(oy0 * wo) };
-                    for (oc, &bv) in self.bias.iter().enumerate() {
-                        // SAFETY: row oc of this tile lies inside `out` and belongs to this item.
-                        unsafe { std::slice::from_raw_parts_mut(dst.add(oc * plane_out), n) }
-                            .fill(bv);
-                    }
-                    // SAFETY: dst is [O, n] with row stride plane_out; lhs [O, k]; rhs [k, n].
-                    unsafe {
-                        gemm::gemm(
-                            o,
-                            n,
-                            k,
-                            dst,
-                            1,
-                            plane_out as isize,
-                            true,
-                            phase.weight.as_ptr(),
-                            1,
-                            k as isize,
-                            cols.as_ptr(),
-                            1,
-                            n as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    };
-                    if let Some(g) = gdn {
-                        // SAFETY: the tile written above.
-                        unsafe { g.apply(dst, plane_out, n, &mut sq, &mut norm) };
-                    }
+                // The tile's [O, n] destination: the output itself (row stride plane_out) when
+                // its rows are contiguous there, otherwise `tmp`, scattered afterwards.
+                let (dst, rs) = if direct {
+                    // SAFETY: row oy0 of image bi's first channel lies inside `out`.
+                    (unsafe { out_b.add(oy0 * wo) }, plane_out)
                 } else {
-                    for (oc, &bv) in self.bias.iter().enumerate() {
-                        tmp[oc * n..][..n].fill(bv);
-                    }
-                    // SAFETY: tmp is [O, n] contiguous; lhs [O, k]; rhs [k, n].
-                    unsafe {
-                        gemm::gemm(
-                            o,
-                            n,
-                            k,
-                            tmp.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            true,
-                            phase.weight.as_ptr(),
-                            1,
-                            k as isize,
-                            cols.as_ptr(),
-                            1,
-                            n as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    };
-                    if let Some(g) = gdn {
-                        // SAFETY: tmp holds the [O, n] tile.
-                        unsafe { g.apply(tmp.as_mut_ptr(), n, n, &mut sq, &mut norm) };
-                    }
+                    (tmp.as_mut_ptr(), n)
+                };
+                // The bias first, then the product accumulated onto it.
+                for (oc, &bv) in self.bias.iter().enumerate() {
+                    // SAFETY: row oc of the tile lies inside `out` (and belongs to this item)
+                    // or inside `tmp`.
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(oc * rs), n) }.fill(bv);
+                }
+                // SAFETY: dst is [O, n] with row stride rs; lhs [O, k]; rhs [k, n].
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        n,
+                        k,
+                        dst,
+                        1,
+                        rs as isize,
+                        true,
+                        phase.weight.as_ptr(),
+                        1,
+                        k as isize,
+                        cols.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+                if let Some(g) = gdn {
+                    // SAFETY: the tile written above.
+                    unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
+                }
+                if !direct {
                     let (ry, rx) = phase.at;
                     for oc in 0..o {
                         let src = &tmp[oc * n..][..n];
