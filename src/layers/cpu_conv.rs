@@ -71,27 +71,7 @@ impl CpuGdn {
             norm[ch * n..][..n].fill(self.beta[ch]);
         }
         // norm = beta + gamma · x²
-        gemm::gemm(
-            c,
-            n,
-            c,
-            norm.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            self.gamma.as_ptr(),
-            1,
-            c as isize,
-            sq.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        matmul_acc(norm.as_mut_ptr(), n, &self.gamma, sq, (c, n, c));
         for ch in 0..c {
             let row = std::slice::from_raw_parts_mut(data.add(ch * rs), n);
             for (v, &nv) in row.iter_mut().zip(&norm[ch * n..][..n]) {
@@ -130,6 +110,42 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()
+}
+
+/// `dst += lhs · rhs` for row-major `lhs` `[m, k]` and `rhs` `[k, n]`, on the calling thread
+/// (the tiles are already spread over the threads); `dst` is `[m, n]` with row stride `dst_rs`.
+///
+/// # Safety
+/// `dst` must point to `m` rows of `n` writable floats, `dst_rs` apart.
+unsafe fn matmul_acc(
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs.as_ptr(),
+        1,
+        n as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 impl CpuConv {
@@ -354,30 +370,8 @@ impl Plan {
                     // or inside `tmp`.
                     unsafe { std::slice::from_raw_parts_mut(dst.add(oc * rs), n) }.fill(bv);
                 }
-                // SAFETY: dst is [O, n] with row stride rs; lhs [O, k]; rhs [k, n].
-                unsafe {
-                    gemm::gemm(
-                        o,
-                        n,
-                        k,
-                        dst,
-                        1,
-                        rs as isize,
-                        true,
-                        phase.weight.as_ptr(),
-                        1,
-                        k as isize,
-                        cols.as_ptr(),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                };
+                // SAFETY: dst is [O, n] with row stride rs.
+                unsafe { matmul_acc(dst, rs, &phase.weight, &cols, (o, n, k)) };
                 if let Some(g) = gdn {
                     // SAFETY: the tile written above.
                     unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
