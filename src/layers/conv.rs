@@ -430,6 +430,18 @@ mod tests {
     }
     use candle_core::{DType, Device};
 
+    /// A builder over frozen copies of `varmap`'s tensors (what a loaded model file gives).
+    fn frozen(varmap: &candle_nn::VarMap) -> VarBuilder<'static> {
+        let t: std::collections::HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)
+    }
+
     fn layer(c_in: usize, c_out: usize, k: usize, s: usize, trainable: bool) -> ConvTranspose2d {
         let dev = Device::Cpu;
         let varmap = candle_nn::VarMap::new();
@@ -438,21 +450,7 @@ mod tests {
         if trainable {
             return l;
         }
-        let frozen: std::collections::HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
-            .collect();
-        ConvTranspose2d::new(
-            VarBuilder::from_tensors(frozen, DType::F32, &dev),
-            c_in,
-            c_out,
-            k,
-            s,
-        )
-        .unwrap()
+        ConvTranspose2d::new(frozen(&varmap), c_in, c_out, k, s).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -510,16 +508,6 @@ mod tests {
         // Frozen layers on the CPU fuse the (I)GDN into the convolution's output tiles; the
         // reference is the unfused convolution followed by the GDN's own tensor ops.
         let dev = Device::Cpu;
-        let frozen = |varmap: &candle_nn::VarMap| {
-            let t: std::collections::HashMap<String, Tensor> = varmap
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
-                .collect();
-            VarBuilder::from_tensors(t, DType::F32, &dev)
-        };
         for inverse in [false, true] {
             let varmap = candle_nn::VarMap::new();
             let vb = crate::init::seeded_var_builder(&varmap, 5, DType::F32, &dev);
