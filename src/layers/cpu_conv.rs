@@ -306,7 +306,7 @@ impl Plan {
         let span = w as isize - self.shrink - 1;
         let wo = if span < 0 { 0 } else { span as usize / s + 1 };
         let (h_out, w_out) = (ho * u, wo * u);
-        let mut out = vec![0f32; b * o * h_out * w_out];
+        let mut out = crate::alloc::zeroed_f32(b * o * h_out * w_out);
         if ho == 0 || wo == 0 {
             return (out, h_out, w_out);
         }
@@ -417,7 +417,7 @@ fn space_to_depth(
     s: usize,
 ) -> (Vec<f32>, usize, usize) {
     let (hs, ws) = (h.div_ceil(s), w.div_ceil(s));
-    let mut out = vec![0f32; planes * s * s * hs * ws];
+    let mut out = crate::alloc::zeroed_f32(planes * s * s * hs * ws);
     par_planes(&mut out, s * s * hs * ws, 0, |p, dst, _| {
         let src = &x[p * h * w..][..h * w];
         for py in 0..s {
