@@ -13,6 +13,10 @@ use psic::bitstream::Bitstream;
 use psic::entropy::{EntropyCoder, RansCoder};
 use psic::{Codec, ModelFile};
 
+// Large tensor buffers get transparent huge pages (psic::alloc::HugePages): fewer page faults.
+#[global_allocator]
+static ALLOC: psic::alloc::HugePages = psic::alloc::HugePages;
+
 fn fixture() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/compressai");
     if dir.is_dir() {

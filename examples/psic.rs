@@ -19,6 +19,10 @@ use psic::image_io::{load_image, save_png, write_atomic};
 use psic::shield::Condition;
 use psic::{Codec, Error, ModelFile, Result};
 
+// Large tensor buffers get transparent huge pages (psic::alloc::HugePages): fewer page faults.
+#[global_allocator]
+static ALLOC: psic::alloc::HugePages = psic::alloc::HugePages;
+
 const USAGE: &str = "usage: psic <command> [options]
 commands:
   convert -i CHECKPOINT -o MODEL.safetensors [--arch ARCH]

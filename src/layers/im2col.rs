@@ -47,7 +47,7 @@ impl CustomOp1 for Im2Col {
         let x = contiguous_f32(storage, layout, "im2col input")?;
         let kk = g.k * g.k;
         let n = g.b * g.ho * g.wo;
-        let mut out = vec![0f32; g.c * kk * n];
+        let mut out = crate::alloc::zeroed_f32(g.c * kk * n);
         par_planes(&mut out, n, 0, |row, dst, _| {
             let (c, t) = (row / kk, row % kk);
             let (ky, kx) = (t / g.k, t % g.k);
@@ -94,7 +94,7 @@ impl CustomOp1 for Col2Im {
         let cols = contiguous_f32(storage, layout, "col2im input")?;
         let kk = g.k * g.k;
         let n = g.b * g.ho * g.wo;
-        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
+        let mut out = crate::alloc::zeroed_f32(g.b * g.c * g.h * g.w);
         // One (b, c) plane per task: no two tasks write the same pixel.
         par_planes(&mut out, g.h * g.w, 0, |plane, dst, _| {
             let (b, c) = (plane / g.c, plane % g.c);
