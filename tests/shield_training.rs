@@ -282,7 +282,7 @@ fn captioned_data_trains_against_the_batch_captions_and_resumes_exactly() {
         &dir,
         &plain,
         "steps = 10\nlr = 1e-3\nseed = 5",
-        "lambda_keep = 0.5\n[shield.augment]\nprobability = 0.7\nmin_scale = 0.5",
+        "lambda_keep = 0.5\n[shield.augment]\nprobability = 0.7\nmin_scale = 0.5\nblur_probability = 0.6\nmax_blur_sigma = 1.2",
     );
     let mut a = Trainer::with_target(cfg, &dev, Some(Box::new(ColourTarget(dev.clone())))).unwrap();
     let first = a.step().unwrap();

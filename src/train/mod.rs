@@ -9,6 +9,7 @@
 //! - [`Trainer`] and [`TrainConfig`]: the three stages, checkpoints, validation.
 
 mod adam;
+pub mod augment;
 pub mod msssim;
 mod trainer;
 pub mod uaeo;
