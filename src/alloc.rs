@@ -84,27 +84,28 @@ fn advise_huge_pages(ptr: *const u8, len: usize) {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HugePages;
 
+/// `block` (of `size` bytes, possibly null) after advising huge pages for it if it is large.
+#[inline]
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn advise_large(block: *mut u8, size: usize) -> *mut u8 {
+    #[cfg(target_os = "linux")]
+    if !block.is_null() && size >= HUGE_PAGE_MIN_BYTES {
+        advise_huge_pages(block, size);
+    }
+    block
+}
+
 // SAFETY: every call is forwarded to `System` unchanged; the advice only touches whole pages
 // inside the block just returned.
 unsafe impl std::alloc::GlobalAlloc for HugePages {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let p = std::alloc::System.alloc(layout);
-        #[cfg(target_os = "linux")]
-        if !p.is_null() && layout.size() >= HUGE_PAGE_MIN_BYTES {
-            advise_huge_pages(p, layout.size());
-        }
-        p
+        advise_large(std::alloc::System.alloc(layout), layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         // Zeroed blocks this large are fresh mappings whose pages are not touched yet, so the
         // advice still applies to all of them.
-        let p = std::alloc::System.alloc_zeroed(layout);
-        #[cfg(target_os = "linux")]
-        if !p.is_null() && layout.size() >= HUGE_PAGE_MIN_BYTES {
-            advise_huge_pages(p, layout.size());
-        }
-        p
+        advise_large(std::alloc::System.alloc_zeroed(layout), layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
@@ -112,26 +113,18 @@ unsafe impl std::alloc::GlobalAlloc for HugePages {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        let p = std::alloc::System.realloc(ptr, layout, new_size);
-        #[cfg(target_os = "linux")]
-        if !p.is_null() && new_size >= HUGE_PAGE_MIN_BYTES {
-            advise_huge_pages(p, new_size);
-        }
-        p
+        advise_large(std::alloc::System.realloc(ptr, layout, new_size), new_size)
     }
 }
 
-/// A zeroed `f32` buffer of `len` elements for a large activation. Blocks this large come
-/// straight from `mmap`, and writing them first faults every 4 KiB page in: about 10% of a
+/// A zeroed `f32` buffer of `len` elements for a large activation. Blocks this large usually
+/// come straight from `mmap`, and writing them first faults every 4 KiB page in: about 10% of a
 /// 768x512 encode went to page faults and unmapping. From 4 MiB up the buffer's pages are
 /// marked `MADV_HUGEPAGE` before they are touched, so on Linux with transparent huge pages in
 /// `madvise` (or `always`) mode they fault in 2 MiB at a time. Elsewhere it is `vec![0.0; len]`.
 pub(crate) fn zeroed_f32(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
-    #[cfg(target_os = "linux")]
-    if len * 4 >= HUGE_PAGE_MIN_BYTES {
-        advise_huge_pages(v.as_ptr().cast(), len * 4);
-    }
+    advise_large(v.as_ptr().cast_mut().cast(), len * 4);
     v
 }
 
