@@ -147,8 +147,8 @@ pub struct AugmentConfig {
     /// Smallest scale factor (the factor is uniform in `[min_scale, 1]`).
     pub min_scale: f64,
     /// Chance that a batch's shielded decodes are also Gaussian-blurred (after any rescaling),
-    /// the purification that restored most top-1 in the evaluations (0, the default: never;
-    /// no random numbers are drawn then, so older runs resume exactly).
+    /// a purification an attacker would try (0, the default: never; no random numbers are
+    /// drawn then, so older runs resume exactly).
     #[serde(default)]
     pub blur_probability: f64,
     /// Largest blur standard deviation in pixels; each blurred batch draws it uniformly from
