@@ -13,6 +13,10 @@ use psic::bitstream::Bitstream;
 use psic::entropy::{EntropyCoder, RansCoder};
 use psic::{Codec, ModelFile};
 
+mod common {
+    pub mod train_step;
+}
+
 // Large tensor buffers get transparent huge pages (psic::alloc::HugePages): fewer page faults.
 #[global_allocator]
 static ALLOC: psic::alloc::HugePages = psic::alloc::HugePages;
@@ -83,29 +87,10 @@ fn benches(c: &mut Criterion) {
 /// One training step (forward with noise quantisation, backward, AdamW update) of a fresh
 /// N128/M192 scale hyperprior on a batch of 8 random 128x128 crops. Needs no fixture.
 fn train_step(c: &mut Criterion) {
-    use candle_core::DType;
-    use candle_nn::Optimizer;
-    use psic::backbone::{ScaleHyperprior, ScaleHyperpriorConfig};
-    use psic::init::{seeded_var_builder, SplitMix64};
-    use psic::train::{rd_forward, rd_loss, uniform_noise};
-
-    // As `psic train` does: freed tensor buffers are reused by the next step (psic::alloc).
-    psic::alloc::reuse_freed_memory();
-    let dev = Device::Cpu;
-    let varmap = candle_nn::VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::F32, &dev);
-    let model = ScaleHyperprior::new(vb, &ScaleHyperpriorConfig { n: 128, m: 192 }).unwrap();
-    let mut rng = SplitMix64::new(1);
-    let x = (uniform_noise(&[8, 3, 128, 128], &mut rng, &dev).unwrap() + 0.5).unwrap();
-    let mut opt = candle_nn::AdamW::new(varmap.all_vars(), Default::default()).unwrap();
+    let mut step = common::train_step::TrainStep::new();
     let mut g = c.benchmark_group("train_step_n128_m192_b8_128x128");
     g.sample_size(10).measurement_time(Duration::from_secs(30));
-    g.bench_function("forward_backward_adamw", |b| {
-        b.iter(|| {
-            let out = rd_forward(&model, &x, None, &mut rng).unwrap();
-            opt.backward_step(&rd_loss(&out, 0.01).unwrap()).unwrap();
-        })
-    });
+    g.bench_function("forward_backward_adamw", |b| b.iter(|| step.run()));
     g.finish();
 }
 
