@@ -97,3 +97,16 @@ pub(crate) fn contiguous_f32<'a>(
         None => candle_core::bail!("{what} must be contiguous"),
     }
 }
+
+/// The f32 data of a CPU tensor's storage (from `Tensor::storage_and_layout`), for the backward
+/// passes of custom ops (`what` names it in errors).
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, l, what),
+        _ => candle_core::bail!("{what} must be on the CPU"),
+    }
+}

@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::cpu_conv::{self, CpuConv};
+use super::train_conv::TrainConv;
 use super::Gdn;
 use crate::Result;
 
@@ -99,9 +100,34 @@ impl Module for Conv2d {
             }
         }
         let train = self.weight.is_variable();
+        // The op's input gradient is the transposed convolution in phase form, which needs an
+        // odd kernel (padding k / 2 on both sides).
+        if train && self.weight.dims()[2] % 2 == 1 {
+            let op = TrainConv::Conv {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
+                return Ok(y);
+            }
+        }
         let y = conv2d_auto(x, &self.weight, self.padding, self.stride, train)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
+}
+
+/// The training op for trainable f32 weights on the CPU ([`TrainConv`]); `None` elsewhere.
+fn train_on_cpu(
+    op: TrainConv,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(x) && f32_cpu(weight) && f32_cpu(bias)) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(weight, bias, op)?))
 }
 
 /// candle's `conv2d` where psic's CPU op does not apply (other devices, or inputs it declines);
@@ -335,11 +361,20 @@ impl Module for ConvTranspose2d {
                 return Ok(y);
             }
         }
+        let train = self.weight.is_variable();
+        if train {
+            let op = TrainConv::Transposed {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
+                return Ok(y);
+            }
+        }
         let (kernel, left, right) = match &self.phase {
             Some((w, l, r)) => (w.clone(), *l, *r),
             None => self.phase_kernel()?,
         };
-        let train = self.weight.is_variable();
         let y = if left == right {
             conv2d_auto(x, &kernel, left, 1, train)?
         } else {

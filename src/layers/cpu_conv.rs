@@ -22,13 +22,15 @@ const TILE_COLUMNS: usize = 512;
 
 /// One output phase: the pixels `(u·oy + ry, u·ox + rx)` of the output.
 #[derive(Debug)]
-struct Phase {
+pub(super) struct Phase {
     /// Input offsets `(dy, dx)` of the taps, relative to `(s·oy, s·ox)`.
-    taps: Vec<(isize, isize)>,
+    pub(super) taps: Vec<(isize, isize)>,
+    /// Kernel position `ky·k + kx` of each tap.
+    pub(super) kernel: Vec<usize>,
     /// `[O, C·taps]`, column `c·taps + t`.
-    weight: Vec<f32>,
+    pub(super) weight: Vec<f32>,
     /// Sub-pixel `(ry, rx)` of this phase in the `u`x`u` output cell.
-    at: (usize, usize),
+    pub(super) at: (usize, usize),
 }
 
 /// A frozen convolution (or transposed convolution in phase form) for [`apply`].
@@ -91,18 +93,24 @@ struct ConvOp<'a> {
     gdn: Option<&'a CpuGdn>,
 }
 
+/// A convolution (or transposed convolution in phase form) with its weights rearranged per
+/// output phase.
 #[derive(Debug)]
-struct Plan {
-    c_in: usize,
-    c_out: usize,
+pub(super) struct Plan {
+    pub(super) c_in: usize,
+    pub(super) c_out: usize,
     /// Input stride between neighbouring output positions of one phase.
-    stride: usize,
+    pub(super) stride: usize,
     /// Output up-sampling factor (1 for a convolution, the stride for a transposed one).
-    up: usize,
+    pub(super) up: usize,
     /// The output grid of a phase has `(h - shrink - 1) / stride + 1` rows.
     shrink: isize,
-    phases: Vec<Phase>,
-    bias: Vec<f32>,
+    pub(super) phases: Vec<Phase>,
+    pub(super) bias: Vec<f32>,
+    /// Whether the source kernel is `[C, O, k, k]` (transposed) rather than `[O, C, k, k]`.
+    pub(super) transposed: bool,
+    /// `k²` of the source kernel.
+    pub(super) kernel_area: usize,
 }
 
 /// The f32 values of a tensor, flattened (weights and biases are small).
@@ -117,7 +125,7 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 ///
 /// # Safety
 /// `dst` must point to `m` rows of `n` writable floats, `dst_rs` apart.
-unsafe fn matmul_acc(
+pub(super) unsafe fn matmul_acc(
     dst: *mut f32,
     dst_rs: usize,
     lhs: &[f32],
@@ -157,23 +165,13 @@ impl CpuConv {
         p: usize,
     ) -> candle_core::Result<Self> {
         let (c_out, c_in, k, _) = weight.dims4()?;
-        let p_i = p as isize;
-        let taps = (0..k * k)
-            .map(|t| ((t / k) as isize - p_i, (t % k) as isize - p_i))
-            .collect();
-        Ok(Self(Arc::new(Plan {
-            c_in,
-            c_out,
-            stride: s,
-            up: 1,
-            shrink: k as isize - 1 - 2 * p_i,
-            phases: vec![Phase {
-                taps,
-                weight: values(weight)?,
-                at: (0, 0),
-            }],
-            bias: values(bias)?,
-        })))
+        Ok(Self(Arc::new(Plan::conv(
+            &values(weight)?,
+            (c_out, c_in, k),
+            values(bias)?,
+            s,
+            p,
+        ))))
     }
 
     /// A transposed convolution `weight` `[C, O, k, k]` (PyTorch layout), stride `s`, padding
@@ -185,7 +183,55 @@ impl CpuConv {
         p: usize,
     ) -> candle_core::Result<Self> {
         let (c_in, c_out, k, _) = weight.dims4()?;
-        let w = values(weight)?;
+        Ok(Self(Arc::new(Plan::transposed(
+            &values(weight)?,
+            (c_in, c_out, k),
+            values(bias)?,
+            s,
+            p,
+        ))))
+    }
+}
+
+impl Plan {
+    /// See [`CpuConv::conv`]; `w` holds the `[O, C, k, k]` kernel.
+    pub(super) fn conv(
+        w: &[f32],
+        (c_out, c_in, k): (usize, usize, usize),
+        bias: Vec<f32>,
+        s: usize,
+        p: usize,
+    ) -> Self {
+        let p_i = p as isize;
+        let taps = (0..k * k)
+            .map(|t| ((t / k) as isize - p_i, (t % k) as isize - p_i))
+            .collect();
+        Plan {
+            c_in,
+            c_out,
+            stride: s,
+            up: 1,
+            shrink: k as isize - 1 - 2 * p_i,
+            phases: vec![Phase {
+                taps,
+                kernel: (0..k * k).collect(),
+                weight: w.to_vec(),
+                at: (0, 0),
+            }],
+            bias,
+            transposed: false,
+            kernel_area: k * k,
+        }
+    }
+
+    /// See [`CpuConv::transposed`]; `w` holds the `[C, O, k, k]` kernel.
+    pub(super) fn transposed(
+        w: &[f32],
+        (c_in, c_out, k): (usize, usize, usize),
+        bias: Vec<f32>,
+        s: usize,
+        p: usize,
+    ) -> Self {
         let (s_i, p_i, k_i) = (s as isize, p as isize, k as isize);
         // Output row s·Y + r meets input row Y + d through kernel row ky = r + p - s·d.
         let rows = |r: isize| -> Vec<(isize, usize)> {
@@ -204,34 +250,55 @@ impl CpuConv {
                     .flat_map(|(dy, ky)| {
                         rows(rx as isize)
                             .into_iter()
-                            .map(move |(dx, kx)| ((dy, dx), (ky, kx)))
+                            .map(move |(dx, kx)| ((dy, dx), ky * k + kx))
                     })
                     .collect();
                 let nt = taps.len();
                 let mut pw = vec![0f32; c_out * c_in * nt];
                 for o in 0..c_out {
                     for c in 0..c_in {
-                        for (t, &(_, (ky, kx))) in taps.iter().enumerate() {
-                            pw[(o * c_in + c) * nt + t] = w[((c * c_out + o) * k + ky) * k + kx];
+                        for (t, &(_, kt)) in taps.iter().enumerate() {
+                            pw[(o * c_in + c) * nt + t] = w[(c * c_out + o) * k * k + kt];
                         }
                     }
                 }
                 phases.push(Phase {
-                    taps: taps.into_iter().map(|(d, _)| d).collect(),
+                    taps: taps.iter().map(|&(d, _)| d).collect(),
+                    kernel: taps.iter().map(|&(_, kt)| kt).collect(),
                     weight: pw,
                     at: (ry, rx),
                 });
             }
         }
-        Ok(Self(Arc::new(Plan {
+        Plan {
             c_in,
             c_out,
             stride: 1,
             up: s,
             shrink: 0,
             phases,
-            bias: values(bias)?,
-        })))
+            bias,
+            transposed: true,
+            kernel_area: k * k,
+        }
+    }
+
+    /// Rows and columns `(ho, wo)` of each phase's output grid for an `h`x`w` input.
+    pub(super) fn grid(&self, h: usize, w: usize) -> (usize, usize) {
+        let side = |n: usize| {
+            let span = n as isize - self.shrink - 1;
+            if span < 0 {
+                0
+            } else {
+                span as usize / self.stride + 1
+            }
+        };
+        (side(h), side(w))
+    }
+
+    /// Output rows per tile for a phase grid `wo` wide.
+    pub(super) fn tile_rows(ho: usize, wo: usize) -> usize {
+        (TILE_COLUMNS / wo.max(1)).clamp(1, ho.max(1))
     }
 }
 
@@ -255,7 +322,7 @@ impl Plan {
     /// channel, the `s`x`s` stride phases of the input (`[C, s, s, h, w]`, see
     /// [`space_to_depth`]; the input itself when `s == 1`), so every tap is a run of contiguous
     /// copies.
-    fn fill_cols(
+    pub(super) fn fill_cols(
         &self,
         xb: &[f32],
         (h, w): (usize, usize),
@@ -294,23 +361,22 @@ impl Plan {
         }
     }
 
-    fn run(
+    /// The convolution of `x` `[b, C, h, w]`, bias added and `gdn` applied if given:
+    /// `(output, output rows, output columns)`.
+    pub(super) fn run(
         &self,
         x: &[f32],
         (b, h, w): (usize, usize, usize),
         gdn: Option<&CpuGdn>,
     ) -> (Vec<f32>, usize, usize) {
         let (s, u, o) = (self.stride, self.up, self.c_out);
-        let span = h as isize - self.shrink - 1;
-        let ho = if span < 0 { 0 } else { span as usize / s + 1 };
-        let span = w as isize - self.shrink - 1;
-        let wo = if span < 0 { 0 } else { span as usize / s + 1 };
+        let (ho, wo) = self.grid(h, w);
         let (h_out, w_out) = (ho * u, wo * u);
         let mut out = crate::alloc::zeroed_f32(b * o * h_out * w_out);
         if ho == 0 || wo == 0 {
             return (out, h_out, w_out);
         }
-        let rows = (TILE_COLUMNS / wo).clamp(1, ho);
+        let rows = Self::tile_rows(ho, wo);
         let tiles = ho.div_ceil(rows);
         let items = b * self.phases.len() * tiles;
         let max_taps = self.phases.iter().map(|p| p.taps.len()).max().unwrap_or(0);
@@ -410,7 +476,7 @@ impl Plan {
 
 /// `[N, H, W]` planes to their `s`x`s` stride phases `[N, s, s, ⌈H/s⌉, ⌈W/s⌉]`: phase
 /// `(py, px)` holds input `(s·Y + py, s·X + px)`, zero past the input's edge.
-fn space_to_depth(
+pub(super) fn space_to_depth(
     x: &[f32],
     planes: usize,
     (h, w): (usize, usize),

@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::cpu_conv::CpuGdn;
+use super::gdn_op::GdnOp;
 use crate::Result;
 use std::sync::Arc;
 
@@ -106,6 +107,27 @@ impl Module for Gdn {
             Some(c) => c.clone(),
             None => self.effective()?,
         };
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+        if f32_cpu(x) && f32_cpu(&beta) && f32_cpu(&gamma) && x.rank() == 4 {
+            let op = GdnOp {
+                inverse: self.inverse,
+            };
+            return x
+                .contiguous()?
+                .apply_op3(&beta.contiguous()?, &gamma.contiguous()?, op);
+        }
+        self.forward_reference(x, &beta, &gamma)
+    }
+}
+
+impl Gdn {
+    /// The layer as tensor ops (any device; the CPU takes the fused [`GdnOp`]).
+    fn forward_reference(
+        &self,
+        x: &Tensor,
+        beta: &Tensor,
+        gamma: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let x2 = x.sqr()?.reshape((b, c, h * w))?;
         let norm = gamma
@@ -143,5 +165,83 @@ mod tests {
         let after = gdn.forward(&x).unwrap();
         let diff = (after - before).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
+    }
+
+    #[test]
+    fn fused_op_equals_tensor_ops_and_finite_differences() {
+        // Several tiles per image (23x29 pixels), a partial last tile, more images than
+        // threads, non-trivial gamma; forward and every gradient against the tensor-op form.
+        let dev = Device::Cpu;
+        for inverse in [false, true] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = crate::init::seeded_var_builder(&varmap, 4, DType::F32, &dev);
+            let gdn = Gdn::new(vb, 5, inverse).unwrap();
+            for (name, v) in varmap.data().lock().unwrap().iter() {
+                let r = Tensor::rand(0.2f32, 1.0, v.dims(), &dev).unwrap();
+                v.set(&r).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            let x = candle_core::Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (3, 5, 23, 29), &dev).unwrap(),
+            )
+            .unwrap();
+            let r = Tensor::randn(0f32, 1.0, (3, 5, 23, 29), &dev).unwrap();
+            let loss = |y: Tensor| (y * &r).unwrap().sum_all().unwrap();
+            let reference = |x: &Tensor| {
+                let (beta, gamma) = gdn.effective().unwrap();
+                gdn.forward_reference(x, &beta, &gamma).unwrap()
+            };
+            let (a, b) = (gdn.forward(&x).unwrap(), reference(&x));
+            let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                d.to_scalar::<f32>().unwrap() < 1e-5,
+                "inverse {inverse}: forward"
+            );
+            let g = loss(a).backward().unwrap();
+            let g_ref = loss(b).backward().unwrap();
+            for (t, what) in [
+                (x.as_tensor(), "x"),
+                (&gdn.beta_p, "beta"),
+                (&gdn.gamma_p, "gamma"),
+            ] {
+                let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let s = b.abs().unwrap().max_all().unwrap();
+                let (d, s) = (d.to_scalar::<f32>().unwrap(), s.to_scalar::<f32>().unwrap());
+                assert!(
+                    d < 1e-4 * s.max(1.0),
+                    "inverse {inverse}: {what} gradient off by {d}"
+                );
+            }
+            // Central differences on gamma's stored parameter.
+            let gamma = candle_core::Var::from_tensor(&gdn.gamma_p).unwrap();
+            let base: Vec<f32> = gamma.flatten_all().unwrap().to_vec1().unwrap();
+            let analytic: Vec<f32> = g
+                .get(&gdn.gamma_p)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for idx in [0, 7, 24] {
+                let at = |delta: f32| {
+                    let mut p = base.clone();
+                    p[idx] += delta;
+                    gamma
+                        .set(&Tensor::from_vec(p, (5, 5), &dev).unwrap())
+                        .unwrap();
+                    let l = loss(gdn.forward(&x).unwrap()).to_scalar::<f32>().unwrap();
+                    gamma
+                        .set(&Tensor::from_vec(base.clone(), (5, 5), &dev).unwrap())
+                        .unwrap();
+                    l
+                };
+                let numeric = (at(1e-2) - at(-1e-2)) / 2e-2;
+                assert!(
+                    (numeric - analytic[idx]).abs() < 2e-2 * numeric.abs().max(1.0),
+                    "inverse {inverse}: gamma[{idx}] analytic {} vs numeric {numeric}",
+                    analytic[idx]
+                );
+            }
+        }
     }
 }

@@ -7,8 +7,10 @@
 mod conv;
 mod cpu_conv;
 mod gdn;
+mod gdn_op;
 mod im2col;
 mod subpel;
+mod train_conv;
 
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use gdn::Gdn;

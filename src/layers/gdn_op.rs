@@ -1,0 +1,346 @@
+//! GDN as one custom CPU op with its backward pass written out.
+//!
+//! As tensor ops, GDN is a square, a channel matmul, a bias add, a square root and a division,
+//! each a pass over the activation, and its backward pass is a dozen more (each also added onto
+//! a fresh zero tensor by candle's autograd): at 128 channels and 64x64 it cost about seven
+//! times its forward pass. This op works per tile of pixels that stays in cache, forward and
+//! backward, and recomputes the norm in the backward pass instead of keeping it.
+//!
+//! With `u = beta + gamma · x²` per pixel and `n = sqrt(u)`, GDN is `y = x / n` and IGDN
+//! `y = x · n`. For an output gradient `g`, with `v = ∂L/∂u` (GDN: `-g·x / (2u·n)`, IGDN:
+//! `g·x / (2n)`): `∂L/∂beta = Σ v`, `∂L/∂gamma = Σ v · (x²)ᵀ` and
+//! `∂L/∂x = g / n` (IGDN: `g · n`) `+ 2x · (gammaᵀ v)`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use crate::tensor_util::{contiguous_f32, cpu_f32};
+
+/// Pixels per tile: a tile's scratch (`4 · C` rows of this many floats) stays in the L2 cache.
+const TILE: usize = 512;
+
+/// `apply_op3(x, beta, gamma)` for f32 CPU tensors: `x` `[B, C, H, W]`, the effective `beta`
+/// `[C]` and `gamma` `[C, C]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GdnOp {
+    pub(crate) inverse: bool,
+}
+
+/// `dst [m, n] (= or +=) lhs [m, k] · rhs [k, n]` on the calling thread, with explicit
+/// (column, row) strides for each operand.
+///
+/// # Safety
+/// Each pointer must address its matrix at the given sizes and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The geometry of one call: `b` images of `c` channels of `p` pixels, in tiles of `TILE`.
+#[derive(Clone, Copy)]
+struct Tiles {
+    b: usize,
+    c: usize,
+    p: usize,
+}
+
+impl Tiles {
+    fn per_image(&self) -> usize {
+        self.p.div_ceil(TILE)
+    }
+
+    fn count(&self) -> usize {
+        self.b * self.per_image()
+    }
+
+    /// Offset of tile `i`'s first element (channel 0) and its width.
+    fn tile(&self, i: usize) -> (usize, usize) {
+        let (bi, ti) = (i / self.per_image(), i % self.per_image());
+        let p0 = ti * TILE;
+        (bi * self.c * self.p + p0, TILE.min(self.p - p0))
+    }
+}
+
+/// Runs `work(tile, scratch)` over every tile on the available threads and returns each
+/// thread's accumulator (made by `init`).
+fn for_tiles<A: Send>(
+    tiles: Tiles,
+    init: impl Fn() -> A + Sync,
+    work: impl Fn(usize, &mut A) + Sync,
+) -> Vec<A> {
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut acc = init();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= tiles.count() {
+                return acc;
+            }
+            work(i, &mut acc);
+        }
+    };
+    let threads = candle_core::utils::get_num_threads().clamp(1, tiles.count().max(1));
+    if threads == 1 {
+        return vec![worker()];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
+        let mut all = vec![worker()];
+        all.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("GDN worker panicked")),
+        );
+        all
+    })
+}
+
+/// A raw pointer to an output written by disjoint tiles from several threads.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every tile writes only its own elements.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Fills `sq` with the squares of the tile `[C, n]` at `x` (row stride `p`) and `u` with
+/// `beta + gamma · sq`.
+fn norm_tile(
+    x: &[f32],
+    p: usize,
+    n: usize,
+    beta: &[f32],
+    gamma: &[f32],
+    sq: &mut [f32],
+    u: &mut [f32],
+) {
+    let c = beta.len();
+    for ch in 0..c {
+        for (s, &v) in sq[ch * n..][..n].iter_mut().zip(&x[ch * p..][..n]) {
+            *s = v * v;
+        }
+        u[ch * n..][..n].fill(beta[ch]);
+    }
+    // SAFETY: gamma is [C, C], sq and u hold [C, n].
+    unsafe {
+        product(
+            (c, n, c),
+            u.as_mut_ptr(),
+            n,
+            true,
+            gamma.as_ptr(),
+            (1, c),
+            sq.as_ptr(),
+            (1, n),
+        );
+    }
+}
+
+impl CustomOp3 for GdnOp {
+    fn name(&self) -> &'static str {
+        "psic-gdn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "GDN input")?;
+        let beta = contiguous_f32(bs, bl, "GDN beta")?;
+        let gamma = contiguous_f32(gs, gl, "GDN gamma")?;
+        let (b, c, h, w) = xl.shape().dims4()?;
+        if beta.len() != c || gamma.len() != c * c {
+            candle_core::bail!("GDN over {} channels applied to {c}", beta.len());
+        }
+        let tiles = Tiles { b, c, p: h * w };
+        let mut out = crate::alloc::zeroed_f32(x.len());
+        let out_ptr = Shared(out.as_mut_ptr());
+        let inverse = self.inverse;
+        for_tiles(
+            tiles,
+            || (vec![0f32; c * TILE], vec![0f32; c * TILE]),
+            |i, (sq, u)| {
+                let (off, n) = tiles.tile(i);
+                let xt = &x[off..];
+                norm_tile(xt, tiles.p, n, beta, gamma, sq, u);
+                for ch in 0..c {
+                    // SAFETY: channel ch's pixels of this tile; no other tile writes them.
+                    let y = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(off + ch * tiles.p), n)
+                    };
+                    for ((y, &xv), &uv) in y
+                        .iter_mut()
+                        .zip(&xt[ch * tiles.p..][..n])
+                        .zip(&u[ch * n..][..n])
+                    {
+                        *y = if inverse {
+                            xv * uv.sqrt()
+                        } else {
+                            xv / uv.sqrt()
+                        };
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        beta: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let (b, c, h, w) = x.dims4()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (bs, bl) = beta.storage_and_layout();
+        let (gms, gml) = gamma.storage_and_layout();
+        let xv = cpu_f32(&xs, xl, "GDN input")?;
+        let g = cpu_f32(&gs, gl, "GDN output gradient")?;
+        let beta_v = cpu_f32(&bs, bl, "GDN beta")?;
+        let gamma_v = cpu_f32(&gms, gml, "GDN gamma")?;
+        let tiles = Tiles { b, c, p: h * w };
+        let p = tiles.p;
+        let mut dx = if need_dx {
+            crate::alloc::zeroed_f32(xv.len())
+        } else {
+            Vec::new()
+        };
+        let dx_ptr = Shared(dx.as_mut_ptr());
+        let inverse = self.inverse;
+        let parts = for_tiles(
+            tiles,
+            || {
+                (
+                    [(); 3].map(|_| vec![0f32; c * TILE]),
+                    vec![0f32; c],
+                    vec![0f32; c * c],
+                )
+            },
+            |i, ([sq, u, v], d_beta, d_gamma)| {
+                let (off, n) = tiles.tile(i);
+                let (xt, gt) = (&xv[off..], &g[off..]);
+                norm_tile(xt, p, n, beta_v, gamma_v, sq, u);
+                // v = ∂L/∂u; u is overwritten with the direct part of ∂L/∂x.
+                for ch in 0..c {
+                    let rows = xt[ch * p..][..n].iter().zip(&gt[ch * p..][..n]);
+                    let mut sum = 0f32;
+                    for ((uv, vv), (&xv, &gv)) in u[ch * n..][..n]
+                        .iter_mut()
+                        .zip(&mut v[ch * n..][..n])
+                        .zip(rows)
+                    {
+                        let nrm = uv.sqrt();
+                        let (direct, dv) = if inverse {
+                            (gv * nrm, gv * xv / (2.0 * nrm))
+                        } else {
+                            (gv / nrm, -gv * xv / (2.0 * *uv * nrm))
+                        };
+                        *uv = direct;
+                        *vv = dv;
+                        sum += dv;
+                    }
+                    d_beta[ch] += sum;
+                }
+                // SAFETY: d_gamma is [C, C]; v and sq are [C, n] (sqᵀ read with strides).
+                unsafe {
+                    product(
+                        (c, c, n),
+                        d_gamma.as_mut_ptr(),
+                        c,
+                        true,
+                        v.as_ptr(),
+                        (1, n),
+                        sq.as_ptr(),
+                        (n, 1),
+                    );
+                }
+                if !need_dx {
+                    return;
+                }
+                // sq = gammaᵀ v (sq is free now).
+                // SAFETY: gamma is [C, C] (read transposed), v and sq are [C, n].
+                unsafe {
+                    product(
+                        (c, n, c),
+                        sq.as_mut_ptr(),
+                        n,
+                        false,
+                        gamma_v.as_ptr(),
+                        (c, 1),
+                        v.as_ptr(),
+                        (1, n),
+                    );
+                }
+                for ch in 0..c {
+                    // SAFETY: channel ch's pixels of this tile; no other tile writes them.
+                    let d = unsafe {
+                        std::slice::from_raw_parts_mut(dx_ptr.get().add(off + ch * p), n)
+                    };
+                    let src = u[ch * n..][..n].iter().zip(&sq[ch * n..][..n]);
+                    for ((d, &xv), (&direct, &t)) in d.iter_mut().zip(&xt[ch * p..][..n]).zip(src) {
+                        *d = direct + 2.0 * xv * t;
+                    }
+                }
+            },
+        );
+        let (mut d_beta, mut d_gamma) = (vec![0f32; c], vec![0f32; c * c]);
+        for (_, pb, pg) in parts {
+            d_beta.iter_mut().zip(pb).for_each(|(d, v)| *d += v);
+            d_gamma.iter_mut().zip(pg).for_each(|(d, v)| *d += v);
+        }
+        let dev = x.device();
+        Ok((
+            need_dx
+                .then(|| Tensor::from_vec(dx, (b, c, h, w), dev))
+                .transpose()?,
+            Some(Tensor::from_vec(d_beta, c, dev)?),
+            Some(Tensor::from_vec(d_gamma, (c, c), dev)?),
+        ))
+    }
+}

@@ -1,0 +1,458 @@
+//! Training convolutions on the CPU: one custom op per layer with its backward pass written
+//! out (weight, bias and, only when the input needs one, input gradients).
+//!
+//! Built from tensor ops, a training convolution is a graph of im2col, matmul, permute, pixel
+//! shuffle and bias nodes, each a full pass over a large tensor forward and again backward
+//! (candle also adds every node's gradient onto a fresh zero tensor). Here the forward pass is
+//! the inference op's tiled im2col + gemm ([`Plan::run`]) with the plan rebuilt from the
+//! current weights (small next to the activations), and the backward pass walks the same tiles:
+//! it recomputes each tile's columns instead of keeping them (a 5x5 kernel's columns are 25
+//! times its input), accumulates the weight and bias gradients per thread, and adds the input
+//! gradient back with the adjoint of im2col. Transposed convolutions keep their stride-phase
+//! form both ways, so no multiply is spent on the zero taps of a padded phase kernel.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::cpu_conv::{space_to_depth, Plan};
+use crate::tensor_util::{contiguous_f32, cpu_f32};
+
+/// A trainable convolution on f32 CPU tensors: `apply_op3(x, weight, bias)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TrainConv {
+    /// A convolution with `weight` `[O, C, k, k]`, padding `p`.
+    Conv { stride: usize, padding: usize },
+    /// A transposed convolution with `weight` `[C, O, k, k]` whose output is `stride` times its
+    /// input (CompressAI's `deconv`).
+    Transposed { stride: usize, padding: usize },
+}
+
+impl TrainConv {
+    fn plan(&self, w: &[f32], dims: &[usize], bias: Vec<f32>) -> candle_core::Result<Plan> {
+        let &[a, b, k, k2] = dims else {
+            candle_core::bail!("train conv: kernel must be 4-D, got {dims:?}");
+        };
+        if k != k2
+            || bias.len()
+                != if matches!(self, Self::Conv { .. }) {
+                    a
+                } else {
+                    b
+                }
+        {
+            candle_core::bail!(
+                "train conv: kernel {dims:?} and bias of {} disagree",
+                bias.len()
+            );
+        }
+        Ok(match *self {
+            Self::Conv { stride, padding } => Plan::conv(w, (a, b, k), bias, stride, padding),
+            Self::Transposed { stride, padding } => {
+                Plan::transposed(w, (a, b, k), bias, stride, padding)
+            }
+        })
+    }
+}
+
+impl TrainConv {
+    /// The layer whose forward pass is this one's input gradient: a strided convolution's
+    /// adjoint is the transposed convolution with the same kernel, and the reverse.
+    fn adjoint(&self, w: &[f32], dims: &[usize]) -> candle_core::Result<Plan> {
+        let &[a, b, k, _] = dims else {
+            candle_core::bail!("train conv: kernel must be 4-D, got {dims:?}");
+        };
+        Ok(match *self {
+            // [O, C, k, k] read as a transposed kernel from O to C channels.
+            Self::Conv { stride, padding } => {
+                Plan::transposed(w, (a, b, k), vec![0.0; b], stride, padding)
+            }
+            // [C, O, k, k] read as a convolution kernel from O to C channels.
+            Self::Transposed { stride, padding } => {
+                Plan::conv(w, (a, b, k), vec![0.0; a], stride, padding)
+            }
+        })
+    }
+}
+
+impl CustomOp3 for TrainConv {
+    fn name(&self) -> &'static str {
+        "psic-train-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "conv input")?;
+        let w = contiguous_f32(ws, wl, "conv kernel")?;
+        let bias = contiguous_f32(bs, bl, "conv bias")?.to_vec();
+        let plan = self.plan(w, wl.dims(), bias)?;
+        let (b, c, h, wd) = xl.shape().dims4()?;
+        if c != plan.c_in {
+            candle_core::bail!(
+                "train conv: input has {c} channels, kernel expects {}",
+                plan.c_in
+            );
+        }
+        let (out, ho, wo) = plan.run(x, (b, h, wd), None);
+        Ok((CpuStorage::F32(out), Shape::from((b, plan.c_out, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The image fed to the first layer carries no gradient: skip its (largest) input gradient.
+        let need_dx = x.track_op();
+        let (x, grad, w) = (x.contiguous()?, grad.contiguous()?, w.contiguous()?);
+        let (b, c, h, wd) = x.dims4()?;
+        let (plan, adjoint) = {
+            let (ws, wl) = w.storage_and_layout();
+            let wv = cpu_f32(&ws, wl, "conv kernel")?;
+            let plan = self.plan(wv, wl.dims(), vec![0.0; bias.elem_count()])?;
+            let adjoint = need_dx.then(|| self.adjoint(wv, wl.dims())).transpose()?;
+            (plan, adjoint)
+        };
+        let (gs, gl) = grad.storage_and_layout();
+        let dy = cpu_f32(&gs, gl, "conv output gradient")?;
+        let (dw, db) = {
+            let (xs, xl) = x.storage_and_layout();
+            weight_gradients(&plan, cpu_f32(&xs, xl, "conv input")?, (b, h, wd), dy)
+        };
+        let dev = x.device();
+        // The input gradient is the adjoint layer applied to the output gradient; its output
+        // can be one row or column larger than an odd-sized input: those are dropped.
+        let dx = match adjoint {
+            Some(adjoint) => {
+                let (gb, _, gh, gw) = grad.dims4()?;
+                let (v, ah, aw) = adjoint.run(dy, (gb, gh, gw), None);
+                let dx = Tensor::from_vec(v, (b, c, ah, aw), dev)?;
+                Some(if (ah, aw) == (h, wd) {
+                    dx
+                } else {
+                    dx.narrow(2, 0, h)?.narrow(3, 0, wd)?.contiguous()?
+                })
+            }
+            None => None,
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            Some(Tensor::from_vec(db, bias.dims(), dev)?),
+        ))
+    }
+}
+
+/// Output columns per tile of the weight-gradient products (their inner dimension): larger
+/// than the forward pass's tiles, so the `[O, C·taps]` accumulator is read and written fewer
+/// times.
+const TILE_COLUMNS: usize = 4096;
+
+/// Kernel gradient (in the source layout) and bias gradient of `plan` at input `x`
+/// `[b, C, h, w]`, given the output gradient `dy`.
+fn weight_gradients(
+    plan: &Plan,
+    x: &[f32],
+    (b, h, w): (usize, usize, usize),
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (s, u, o, c) = (plan.stride, plan.up, plan.c_out, plan.c_in);
+    let (ho, wo) = plan.grid(h, w);
+    let (h_out, w_out) = (ho * u, wo * u);
+    let plane_out = h_out * w_out;
+    let mut dw = vec![0f32; o * c * plan.kernel_area];
+    let mut db = vec![0f32; o];
+    if ho == 0 || wo == 0 || b == 0 {
+        return (dw, db);
+    }
+    let rows = (TILE_COLUMNS / wo).clamp(1, ho);
+    let tiles = ho.div_ceil(rows);
+    // Stride phases of the input, as the forward pass reads it.
+    let (xs_buf, hs, ws) = if s > 1 {
+        space_to_depth(x, b * c, (h, w), s)
+    } else {
+        (Vec::new(), h, w)
+    };
+    let xs: &[f32] = if s > 1 { &xs_buf } else { x };
+    let plane_in = c * s * s * hs * ws;
+    let direct = u == 1 && plan.phases.len() == 1;
+    let max_k = c * plan.phases.iter().map(|p| p.taps.len()).max().unwrap_or(0);
+    let n_max = rows * wo;
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut cols = vec![0f32; max_k * n_max];
+        let mut dyp = vec![0f32; if direct { 0 } else { o * n_max }];
+        let mut gw: Vec<Vec<f32>> = plan
+            .phases
+            .iter()
+            .map(|p| vec![0f32; o * c * p.taps.len()])
+            .collect();
+        let mut gb = vec![0f32; o];
+        loop {
+            let bi = next.fetch_add(1, Ordering::Relaxed);
+            if bi >= b {
+                break;
+            }
+            let xb = &xs[bi * plane_in..][..plane_in];
+            let dyb = &dy[bi * o * plane_out..][..o * plane_out];
+            for (phase, gw) in plan.phases.iter().zip(&mut gw) {
+                let k = c * phase.taps.len();
+                for ti in 0..tiles {
+                    let (oy0, oy1) = (ti * rows, ((ti + 1) * rows).min(ho));
+                    let n = (oy1 - oy0) * wo;
+                    plan.fill_cols(xb, (hs, ws), phase, (oy0, oy1), wo, &mut cols);
+                    // The tile's output gradient [O, n], row stride rs: read in place for a
+                    // plain convolution, gathered from its phase's pixels otherwise.
+                    let (g, rs): (&[f32], usize) = if direct {
+                        (&dyb[oy0 * wo..], plane_out)
+                    } else {
+                        let (ry, rx) = phase.at;
+                        for oc in 0..o {
+                            for (i, oy) in (oy0..oy1).enumerate() {
+                                let src = &dyb[oc * plane_out + (oy * u + ry) * w_out + rx..];
+                                for (ox, d) in dyp[oc * n + i * wo..][..wo].iter_mut().enumerate() {
+                                    *d = src[ox * u];
+                                }
+                            }
+                        }
+                        (&dyp, n)
+                    };
+                    for (oc, gb) in gb.iter_mut().enumerate() {
+                        *gb += g[oc * rs..][..n].iter().sum::<f32>();
+                    }
+                    // dW [O, k] += g [O, n] · colsᵀ [n, k].
+                    // SAFETY: `gw` is [O, k]; `g` holds O rows of n floats rs apart (the slicing
+                    // above checked the extent); `cols` holds k rows of n floats.
+                    unsafe {
+                        gemm::gemm(
+                            o,
+                            k,
+                            n,
+                            gw.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            true,
+                            g.as_ptr(),
+                            1,
+                            rs as isize,
+                            cols.as_ptr(),
+                            n as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            }
+        }
+        (gw, gb)
+    };
+    let threads = candle_core::utils::get_num_threads().clamp(1, b);
+    let parts: Vec<_> = if threads == 1 {
+        vec![worker()]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
+            let mut parts = vec![worker()];
+            parts.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("conv worker panicked")),
+            );
+            parts
+        })
+    };
+    let kk = plan.kernel_area;
+    for (gw, gb) in parts {
+        for (d, g) in db.iter_mut().zip(gb) {
+            *d += g;
+        }
+        for (phase, gw) in plan.phases.iter().zip(gw) {
+            let nt = phase.taps.len();
+            for oc in 0..o {
+                for ci in 0..c {
+                    let base = if plan.transposed {
+                        (ci * o + oc) * kk
+                    } else {
+                        (oc * c + ci) * kk
+                    };
+                    for (t, &kt) in phase.kernel.iter().enumerate() {
+                        dw[base + kt] += gw[(oc * c + ci) * nt + t];
+                    }
+                }
+            }
+        }
+    }
+    (dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Module, Tensor, Var};
+
+    use crate::layers::{Conv2d, ConvTranspose2d};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn scale(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The loss `Σ y · r` of `forward`, its gradients for `x`, `weight` and `bias` by
+    /// `reference` and by the op, compared; then central differences of the op's loss at a few
+    /// entries of the input and the kernel.
+    fn check(
+        forward: &dyn Fn(&Tensor) -> Tensor,
+        reference: &dyn Fn(&Tensor) -> Tensor,
+        x: &Var,
+        params: [&Var; 2],
+        what: &str,
+    ) {
+        let y = forward(x.as_tensor());
+        let y_ref = reference(x.as_tensor());
+        assert_eq!(y.dims(), y_ref.dims(), "{what}");
+        assert!(
+            max_diff(&y, &y_ref) < 1e-4 * scale(&y_ref).max(1.0),
+            "{what}: forward"
+        );
+        let r = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
+        let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap();
+        let g = loss(&y).backward().unwrap();
+        let g_ref = loss(&y_ref).backward().unwrap();
+        for (t, name) in [
+            (x.as_tensor(), "input"),
+            (params[0].as_tensor(), "kernel"),
+            (params[1].as_tensor(), "bias"),
+        ] {
+            let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert_eq!(a.dims(), b.dims(), "{what}: {name} gradient shape");
+            let d = max_diff(a, b);
+            assert!(
+                d < 1e-4 * scale(b).max(1.0),
+                "{what}: {name} gradient off by {d}"
+            );
+        }
+        // Central differences (f32: a large step, a loose bound).
+        for (v, name) in [(x, "input"), (params[0], "kernel")] {
+            let grad: Vec<f32> = g
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for idx in [0, base.len() / 3, base.len() - 1] {
+                let at = |delta: f32| {
+                    let mut p = base.clone();
+                    p[idx] += delta;
+                    v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    let l = loss(&forward(x.as_tensor())).to_scalar::<f32>().unwrap();
+                    v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    l
+                };
+                let eps = 1e-2;
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!(
+                    (numeric - grad[idx]).abs() < 2e-2 * numeric.abs().max(1.0),
+                    "{what}: {name}[{idx}] analytic {} vs numeric {numeric}",
+                    grad[idx]
+                );
+            }
+        }
+    }
+
+    fn var(dims: &[usize], std: f32) -> Var {
+        Var::from_tensor(&Tensor::randn(0f32, std, dims, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn param(varmap: &candle_nn::VarMap, name: &str) -> Var {
+        varmap.data().lock().unwrap().get(name).unwrap().clone()
+    }
+
+    #[test]
+    fn convolution_gradients_equal_the_tensor_op_path() {
+        // Odd sizes, a single image and more images than threads; 1x1 and 3x3 kernels. The
+        // reference is im2col + matmul as tensor ops (candle's own conv2d backward mis-sizes the
+        // input gradient of odd inputs).
+        for &(k, s, c_in, c_out, b, h, w) in &[
+            (5, 2, 3, 4, 3, 13, 11),
+            (5, 2, 4, 5, 1, 8, 10),
+            (3, 1, 4, 3, 2, 9, 7),
+            (1, 1, 3, 2, 2, 5, 6),
+            (3, 2, 3, 4, 2, 7, 8),
+        ] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = crate::init::seeded_var_builder(&varmap, 11, DType::F32, &Device::Cpu);
+            let conv = Conv2d::new(vb, c_in, c_out, k, s).unwrap();
+            let (wt, bias) = (param(&varmap, "weight"), param(&varmap, "bias"));
+            let reference = |x: &Tensor| {
+                super::super::conv::conv2d_gemm(x, wt.as_tensor(), k / 2, s)
+                    .unwrap()
+                    .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap()
+            };
+            let x = var(&[b, c_in, h, w], 1.0);
+            check(
+                &|x| conv.forward(x).unwrap(),
+                &reference,
+                &x,
+                [&wt, &bias],
+                &format!("conv k{k} s{s} {b}x{c_in}x{h}x{w}"),
+            );
+        }
+    }
+
+    #[test]
+    fn transposed_convolution_gradients_equal_candle() {
+        for &(k, s, c_in, c_out, b, h, w) in &[
+            (5, 2, 4, 3, 3, 7, 9),
+            (5, 2, 3, 5, 1, 6, 6),
+            (3, 2, 4, 3, 2, 5, 4),
+            (3, 1, 3, 4, 2, 6, 5),
+        ] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = crate::init::seeded_var_builder(&varmap, 12, DType::F32, &Device::Cpu);
+            let deconv = ConvTranspose2d::new(vb, c_in, c_out, k, s).unwrap();
+            let (wt, bias) = (param(&varmap, "weight"), param(&varmap, "bias"));
+            let x = var(&[b, c_in, h, w], 1.0);
+            check(
+                &|x| deconv.forward(x).unwrap(),
+                &|x| deconv.forward_reference(x).unwrap(),
+                &x,
+                [&wt, &bias],
+                &format!("deconv k{k} s{s} {b}x{c_in}x{h}x{w}"),
+            );
+        }
+    }
+}
