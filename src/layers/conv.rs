@@ -130,9 +130,10 @@ fn train_on_cpu(
     Ok(Some(x.contiguous()?.apply_op3(weight, bias, op)?))
 }
 
-/// candle's `conv2d` where psic's CPU op does not apply (other devices, or inputs it declines);
-/// when training on the CPU, [`conv2d_gemm`], whose
-/// backward pass is two matrix products instead of candle's transposed-convolution loop.
+/// candle's `conv2d` where psic's CPU ops do not apply (other devices, other dtypes); when
+/// training on the CPU with what [`TrainConv`] declines (even kernels, non-f32 tensors),
+/// [`conv2d_gemm`], whose backward pass is two matrix products instead of candle's
+/// transposed-convolution loop.
 fn conv2d_auto(
     x: &Tensor,
     w: &Tensor,
