@@ -23,12 +23,15 @@ const TILE_COLUMNS: usize = 512;
 /// One output phase: the pixels `(u·oy + ry, u·ox + rx)` of the output.
 #[derive(Debug)]
 pub(super) struct Phase {
-    /// Input offsets `(dy, dx)` of the taps, relative to `(s·oy, s·ox)`.
+    /// Input offsets `(dy, dx)` of the taps, relative to `(s·oy, s·ox)`, in the order of
+    /// [`Plan::taps`].
     pub(super) taps: Vec<(isize, isize)>,
     /// Kernel position `ky·k + kx` of each tap.
     pub(super) kernel: Vec<usize>,
-    /// `[O, C·taps]`, column `c·taps + t`.
+    /// `[O, taps·C]`, column `t·C + c`.
     pub(super) weight: Vec<f32>,
+    /// The phase's taps as runs of [`Plan::taps`]: `(first shared tap, count, first own tap)`.
+    segments: Vec<(usize, usize, usize)>,
     /// Sub-pixel `(ry, rx)` of this phase in the `u`x`u` output cell.
     pub(super) at: (usize, usize),
 }
@@ -106,6 +109,10 @@ pub(super) struct Plan {
     /// The output grid of a phase has `(h - shrink - 1) / stride + 1` rows.
     shrink: isize,
     pub(super) phases: Vec<Phase>,
+    /// Every tap of any phase, once; the forward pass builds one set of columns for them all
+    /// and each phase multiplies its own rows (a 5x5 stride-2 transposed kernel's four phases
+    /// have 25 taps among 9 offsets). Ordered so that each phase's taps form few runs.
+    taps: Vec<(isize, isize)>,
     pub(super) bias: Vec<f32>,
     /// Whether the source kernel is `[C, O, k, k]` (transposed) rather than `[O, C, k, k]`.
     pub(super) transposed: bool,
@@ -203,9 +210,18 @@ impl Plan {
         p: usize,
     ) -> Self {
         let p_i = p as isize;
-        let taps = (0..k * k)
+        let taps: Vec<_> = (0..k * k)
             .map(|t| ((t / k) as isize - p_i, (t % k) as isize - p_i))
             .collect();
+        let kk = k * k;
+        let mut weight = vec![0f32; c_out * kk * c_in];
+        for o in 0..c_out {
+            for c in 0..c_in {
+                for t in 0..kk {
+                    weight[(o * kk + t) * c_in + c] = w[(o * c_in + c) * kk + t];
+                }
+            }
+        }
         Plan {
             c_in,
             c_out,
@@ -213,14 +229,16 @@ impl Plan {
             up: 1,
             shrink: k as isize - 1 - 2 * p_i,
             phases: vec![Phase {
-                taps,
-                kernel: (0..k * k).collect(),
-                weight: w.to_vec(),
+                taps: taps.clone(),
+                kernel: (0..kk).collect(),
+                weight,
+                segments: vec![(0, kk, 0)],
                 at: (0, 0),
             }],
+            taps,
             bias,
             transposed: false,
-            kernel_area: k * k,
+            kernel_area: kk,
         }
     }
 
@@ -242,7 +260,7 @@ impl Plan {
                 })
                 .collect()
         };
-        let mut phases = Vec::with_capacity(s * s);
+        let mut per_phase = Vec::with_capacity(s * s);
         for ry in 0..s {
             for rx in 0..s {
                 let taps: Vec<_> = rows(ry as isize)
@@ -253,23 +271,61 @@ impl Plan {
                             .map(move |(dx, kx)| ((dy, dx), ky * k + kx))
                     })
                     .collect();
-                let nt = taps.len();
-                let mut pw = vec![0f32; c_out * c_in * nt];
+                per_phase.push(((ry, rx), taps));
+            }
+        }
+        // Shared taps, those used by most phases first: then each phase's taps are a prefix
+        // of the list plus a few runs.
+        let mut union: Vec<(isize, isize)> = Vec::new();
+        for (_, taps) in &per_phase {
+            for &(d, _) in taps {
+                if !union.contains(&d) {
+                    union.push(d);
+                }
+            }
+        }
+        let users = |d: &(isize, isize)| {
+            per_phase
+                .iter()
+                .filter(|(_, taps)| taps.iter().any(|(e, _)| e == d))
+                .count()
+        };
+        union.sort_by_key(|d| (std::cmp::Reverse(users(d)), *d));
+        let kk = k * k;
+        let phases = per_phase
+            .into_iter()
+            .map(|(at, taps)| {
+                // The phase's taps in shared order, and their runs in the shared list.
+                let mut own: Vec<(usize, usize)> = taps
+                    .iter()
+                    .map(|&(d, kt)| (union.iter().position(|&u| u == d).unwrap_or(0), kt))
+                    .collect();
+                own.sort_unstable();
+                let mut segments: Vec<(usize, usize, usize)> = Vec::new();
+                for (j, &(u, _)) in own.iter().enumerate() {
+                    match segments.last_mut() {
+                        Some((first, count, _)) if *first + *count == u => *count += 1,
+                        _ => segments.push((u, 1, j)),
+                    }
+                }
+                let nt = own.len();
+                let mut weight = vec![0f32; c_out * nt * c_in];
                 for o in 0..c_out {
                     for c in 0..c_in {
-                        for (t, &(_, kt)) in taps.iter().enumerate() {
-                            pw[(o * c_in + c) * nt + t] = w[(c * c_out + o) * k * k + kt];
+                        for (t, &(_, kt)) in own.iter().enumerate() {
+                            weight[(o * nt + t) * c_in + c] = w[(c * c_out + o) * kk + kt];
                         }
                     }
                 }
-                phases.push(Phase {
-                    taps: taps.iter().map(|&(d, _)| d).collect(),
-                    kernel: taps.iter().map(|&(_, kt)| kt).collect(),
-                    weight: pw,
-                    at: (ry, rx),
-                });
-            }
-        }
+                Phase {
+                    taps: own.iter().map(|&(u, _)| union[u]).collect(),
+                    kernel: own.iter().map(|&(_, kt)| kt).collect(),
+                    weight,
+                    segments,
+                    at,
+                }
+            })
+            .collect();
         Plan {
             c_in,
             c_out,
@@ -277,6 +333,7 @@ impl Plan {
             up: s,
             shrink: 0,
             phases,
+            taps: union,
             bias,
             transposed: true,
             kernel_area: k * k,
@@ -317,8 +374,8 @@ impl OutPtr {
 }
 
 impl Plan {
-    /// Writes the im2col columns of output rows `oy0..oy1` of `phase` for one image `xb` into
-    /// `cols` `[C·taps, (oy1-oy0)·wo]`, zeros where a tap falls outside. `xb` holds, per
+    /// Writes the im2col columns of output rows `oy0..oy1` for `taps` of one image `xb` into
+    /// `cols` `[taps·C, (oy1-oy0)·wo]` (row `t·C + c`), zeros where a tap falls outside. `xb` holds, per
     /// channel, the `s`x`s` stride phases of the input (`[C, s, s, h, w]`, see
     /// [`space_to_depth`]; the input itself when `s == 1`), so every tap is a run of contiguous
     /// copies.
@@ -326,22 +383,21 @@ impl Plan {
         &self,
         xb: &[f32],
         (h, w): (usize, usize),
-        phase: &Phase,
+        taps: &[(isize, isize)],
         (oy0, oy1): (usize, usize),
         wo: usize,
         cols: &mut [f32],
     ) {
         let s = self.stride as isize;
         let n = (oy1 - oy0) * wo;
-        let nt = phase.taps.len();
         let ss = self.stride * self.stride;
-        for c in 0..self.c_in {
-            for (t, &(dy, dx)) in phase.taps.iter().enumerate() {
+        for (t, &(dy, dx)) in taps.iter().enumerate() {
+            for c in 0..self.c_in {
                 // Input (s·oy + dy, s·ox + dx) is row oy + qy, column ox + qx of phase (py, px).
                 let (py, qy) = (dy.rem_euclid(s) as usize, dy.div_euclid(s));
                 let (px, qx) = (dx.rem_euclid(s) as usize, dx.div_euclid(s));
                 let plane = &xb[(c * ss + py * self.stride + px) * h * w..][..h * w];
-                let row = &mut cols[(c * nt + t) * n..][..n];
+                let row = &mut cols[(t * self.c_in + c) * n..][..n];
                 // Output columns ox with 0 <= ox + qx < w.
                 let lo = (-qx).clamp(0, wo as isize) as usize;
                 let hi = (w as isize - qx).clamp(lo as isize, wo as isize) as usize;
@@ -378,9 +434,8 @@ impl Plan {
         }
         let rows = Self::tile_rows(ho, wo);
         let tiles = ho.div_ceil(rows);
-        let items = b * self.phases.len() * tiles;
-        let max_taps = self.phases.iter().map(|p| p.taps.len()).max().unwrap_or(0);
-        let cols_len = self.c_in * max_taps * rows * wo;
+        let items = b * tiles;
+        let cols_len = self.c_in * self.taps.len() * rows * wo;
         let direct = u == 1 && self.phases.len() == 1;
         let gemm_len = if direct { 0 } else { o * rows * wo };
         let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
@@ -395,6 +450,7 @@ impl Plan {
         let next = AtomicUsize::new(0);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let plane_out = h_out * w_out;
+        let c = self.c_in;
         let worker = || {
             let mut cols = vec![0f32; cols_len];
             let mut tmp = vec![0f32; gemm_len];
@@ -404,55 +460,79 @@ impl Plan {
                 if item >= items {
                     break;
                 }
-                let (bi, rest) = (
-                    item / (self.phases.len() * tiles),
-                    item % (self.phases.len() * tiles),
-                );
-                let (pi, ti) = (rest / tiles, rest % tiles);
-                let phase = &self.phases[pi];
+                let (bi, ti) = (item / tiles, item % tiles);
                 let (oy0, oy1) = (ti * rows, ((ti + 1) * rows).min(ho));
                 let n = (oy1 - oy0) * wo;
-                let k = self.c_in * phase.taps.len();
+                // One set of columns for every tap of every phase.
                 self.fill_cols(
                     &x[bi * plane_in..][..plane_in],
                     (h, w),
-                    phase,
+                    &self.taps,
                     (oy0, oy1),
                     wo,
                     &mut cols,
                 );
                 let out_b = unsafe { out_ptr.get().add(bi * o * plane_out) };
-                // The tile's [O, n] destination: the output itself (row stride plane_out) when
-                // its rows are contiguous there, otherwise `tmp`, scattered afterwards.
-                let (dst, rs) = if direct {
-                    // SAFETY: row oy0 of image bi's first channel lies inside `out`.
-                    (unsafe { out_b.add(oy0 * wo) }, plane_out)
-                } else {
-                    (tmp.as_mut_ptr(), n)
-                };
-                // The bias first, then the product accumulated onto it.
-                for (oc, &bv) in self.bias.iter().enumerate() {
-                    // SAFETY: row oc of the tile lies inside `out` (and belongs to this item)
-                    // or inside `tmp`.
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(oc * rs), n) }.fill(bv);
-                }
-                // SAFETY: dst is [O, n] with row stride rs.
-                unsafe { matmul_acc(dst, rs, &phase.weight, &cols, (o, n, k)) };
-                if let Some(g) = gdn {
-                    // SAFETY: the tile written above.
-                    unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
-                }
-                if !direct {
-                    let (ry, rx) = phase.at;
-                    for oc in 0..o {
-                        let src = &tmp[oc * n..][..n];
-                        for (i, oy) in (oy0..oy1).enumerate() {
-                            let row = (oy * u + ry) * w_out + rx;
-                            // SAFETY: output row `oy·u + ry` of channel oc, columns
-                            // `ox·u + rx`: only this phase and tile write them.
-                            let dst = unsafe { out_b.add(oc * plane_out + row) };
-                            for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
-                                unsafe { *dst.add(ox * u) = v };
+                for phase in &self.phases {
+                    // The tile's [O, n] destination: the output itself (row stride plane_out)
+                    // when its rows are contiguous there, otherwise `tmp`, scattered afterwards.
+                    let (dst, rs) = if direct {
+                        // SAFETY: row oy0 of image bi's first channel lies inside `out`.
+                        (unsafe { out_b.add(oy0 * wo) }, plane_out)
+                    } else {
+                        (tmp.as_mut_ptr(), n)
+                    };
+                    // The bias first, then the product accumulated onto it.
+                    for (oc, &bv) in self.bias.iter().enumerate() {
+                        // SAFETY: row oc of the tile lies inside `out` (and belongs to this
+                        // item) or inside `tmp`.
+                        unsafe { std::slice::from_raw_parts_mut(dst.add(oc * rs), n) }.fill(bv);
+                    }
+                    let k_all = phase.taps.len() * c;
+                    for &(first, count, own) in &phase.segments {
+                        // SAFETY: dst is [O, n] with row stride rs; the weight columns
+                        // own·C.. (row stride k_all) and the column rows first·C.. cover
+                        // count·C entries each.
+                        unsafe {
+                            gemm::gemm(
+                                o,
+                                n,
+                                count * c,
+                                dst,
+                                1,
+                                rs as isize,
+                                true,
+                                phase.weight.as_ptr().add(own * c),
+                                1,
+                                k_all as isize,
+                                cols.as_ptr().add(first * c * n),
+                                1,
+                                n as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            )
+                        };
+                    }
+                    if let Some(g) = gdn {
+                        // SAFETY: the tile written above.
+                        unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
+                    }
+                    if !direct {
+                        let (ry, rx) = phase.at;
+                        for oc in 0..o {
+                            let src = &tmp[oc * n..][..n];
+                            for (i, oy) in (oy0..oy1).enumerate() {
+                                let row = (oy * u + ry) * w_out + rx;
+                                // SAFETY: output row `oy·u + ry` of channel oc, columns
+                                // `ox·u + rx`: only this phase and tile write them.
+                                let dst = unsafe { out_b.add(oc * plane_out + row) };
+                                for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
+                                    unsafe { *dst.add(ox * u) = v };
+                                }
                             }
                         }
                     }

@@ -210,7 +210,7 @@ fn weight_gradients(
                 for ti in 0..tiles {
                     let (oy0, oy1) = (ti * rows, ((ti + 1) * rows).min(ho));
                     let n = (oy1 - oy0) * wo;
-                    plan.fill_cols(xb, (hs, ws), phase, (oy0, oy1), wo, &mut cols);
+                    plan.fill_cols(xb, (hs, ws), &phase.taps, (oy0, oy1), wo, &mut cols);
                     // The tile's output gradient [O, n], row stride rs: read in place for a
                     // plain convolution, gathered from its phase's pixels otherwise.
                     let (g, rs): (&[f32], usize) = if direct {
@@ -291,7 +291,7 @@ fn weight_gradients(
                         (oc * c + ci) * kk
                     };
                     for (t, &kt) in phase.kernel.iter().enumerate() {
-                        dw[base + kt] += gw[(oc * c + ci) * nt + t];
+                        dw[base + kt] += gw[(oc * nt + t) * c + ci];
                     }
                 }
             }
