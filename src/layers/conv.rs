@@ -540,6 +540,41 @@ mod tests {
     }
 
     #[test]
+    fn wide_convolution_in_tap_chunks_equals_candle() {
+        // 64 input channels: the frozen CPU op builds its columns a few taps at a time
+        // (CHUNK_BYTES) and accumulates the products; stride 2, an odd size, two images.
+        let dev = Device::Cpu;
+        let wt = Tensor::randn(0f32, 0.05, (8, 64, 5, 5), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+        let tensors = std::collections::HashMap::from([
+            ("weight".to_string(), wt.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        let conv = Conv2d::new(
+            VarBuilder::from_tensors(tensors, DType::F32, &dev),
+            64,
+            8,
+            5,
+            2,
+        )
+        .unwrap();
+        assert!(conv.cpu.is_some());
+        let x = Tensor::randn(0f32, 1.0, (2, 64, 41, 38), &dev).unwrap();
+        let reference = x
+            .conv2d(&wt, 2, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 8, 1, 1)).unwrap())
+            .unwrap();
+        let ours = conv.forward(&x).unwrap();
+        assert_eq!(ours.dims(), reference.dims());
+        assert!(
+            max_diff(&ours, &reference) < 1e-4,
+            "{}",
+            max_diff(&ours, &reference)
+        );
+    }
+
+    #[test]
     fn fused_gdn_equals_convolution_then_gdn() {
         // Frozen layers on the CPU fuse the (I)GDN into the convolution's output tiles; the
         // reference is the unfused convolution followed by the GDN's own tensor ops.

@@ -23,6 +23,10 @@ use crate::tensor_util::{contiguous_f32, par_planes};
 /// rounds (decodes in 6 of 10).
 const TILE_COLUMNS: usize = 256;
 
+/// Bytes of im2col columns a plain convolution builds at a time (its taps in chunks): about
+/// what the L2 cache holds next to the product's own blocks.
+const CHUNK_BYTES: usize = 384 << 10;
+
 /// One output phase: the pixels `(u·oy + ry, u·ox + rx)` of the output.
 #[derive(Debug)]
 pub(super) struct Phase {
@@ -438,8 +442,15 @@ impl Plan {
         let rows = Self::tile_rows(ho, wo);
         let tiles = ho.div_ceil(rows);
         let items = b * tiles;
-        let cols_len = self.c_in * self.taps.len() * rows * wo;
         let direct = u == 1 && self.phases.len() == 1;
+        // Taps per column chunk of a plain convolution (all of them for phases, which share
+        // their columns).
+        let chunk = if direct {
+            (CHUNK_BYTES / (4 * self.c_in * rows * wo).max(1)).clamp(1, self.taps.len().max(1))
+        } else {
+            self.taps.len()
+        };
+        let cols_len = self.c_in * chunk * rows * wo;
         let gemm_len = if direct { 0 } else { o * rows * wo };
         let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
         // Stride phases of the input, so that im2col is made of contiguous copies.
@@ -466,30 +477,63 @@ impl Plan {
                 let (bi, ti) = (item / tiles, item % tiles);
                 let (oy0, oy1) = (ti * rows, ((ti + 1) * rows).min(ho));
                 let n = (oy1 - oy0) * wo;
-                // One set of columns for every tap of every phase.
-                self.fill_cols(
-                    &x[bi * plane_in..][..plane_in],
-                    (h, w),
-                    &self.taps,
-                    (oy0, oy1),
-                    wo,
-                    &mut cols,
-                );
+                let xb = &x[bi * plane_in..][..plane_in];
                 let out_b = unsafe { out_ptr.get().add(bi * o * plane_out) };
+                if direct {
+                    // A plain convolution writes its tile in place, taking the taps a chunk
+                    // at a time so that the columns stay in cache for the product.
+                    // SAFETY: row oy0 of image bi's first channel lies inside `out`.
+                    let dst = unsafe { out_b.add(oy0 * wo) };
+                    for (oc, &bv) in self.bias.iter().enumerate() {
+                        // SAFETY: row oc of this item's tile inside `out`.
+                        unsafe { std::slice::from_raw_parts_mut(dst.add(oc * plane_out), n) }
+                            .fill(bv);
+                    }
+                    let phase = &self.phases[0];
+                    let k_all = phase.taps.len() * c;
+                    for t0 in (0..phase.taps.len()).step_by(chunk) {
+                        let taps = &phase.taps[t0..(t0 + chunk).min(phase.taps.len())];
+                        self.fill_cols(xb, (h, w), taps, (oy0, oy1), wo, &mut cols);
+                        // SAFETY: dst is [O, n] with row stride plane_out; the weight columns
+                        // t0·C.. (row stride k_all) and the columns cover taps·C entries.
+                        unsafe {
+                            gemm::gemm(
+                                o,
+                                n,
+                                taps.len() * c,
+                                dst,
+                                1,
+                                plane_out as isize,
+                                true,
+                                phase.weight.as_ptr().add(t0 * c),
+                                1,
+                                k_all as isize,
+                                cols.as_ptr(),
+                                1,
+                                n as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            )
+                        };
+                    }
+                    if let Some(g) = gdn {
+                        // SAFETY: the tile written above.
+                        unsafe { g.apply(dst, plane_out, n, &mut sq, &mut norm) };
+                    }
+                    continue;
+                }
+                // One set of columns for every tap of every phase.
+                self.fill_cols(xb, (h, w), &self.taps, (oy0, oy1), wo, &mut cols);
                 for phase in &self.phases {
-                    // The tile's [O, n] destination: the output itself (row stride plane_out)
-                    // when its rows are contiguous there, otherwise `tmp`, scattered afterwards.
-                    let (dst, rs) = if direct {
-                        // SAFETY: row oy0 of image bi's first channel lies inside `out`.
-                        (unsafe { out_b.add(oy0 * wo) }, plane_out)
-                    } else {
-                        (tmp.as_mut_ptr(), n)
-                    };
+                    // Each phase's [O, n] tile goes to `tmp`, scattered into the output after.
+                    let (dst, rs) = (tmp.as_mut_ptr(), n);
                     // The bias first, then the product accumulated onto it.
                     for (oc, &bv) in self.bias.iter().enumerate() {
-                        // SAFETY: row oc of the tile lies inside `out` (and belongs to this
-                        // item) or inside `tmp`.
-                        unsafe { std::slice::from_raw_parts_mut(dst.add(oc * rs), n) }.fill(bv);
+                        tmp[oc * n..][..n].fill(bv);
                     }
                     let k_all = phase.taps.len() * c;
                     for &(first, count, own) in &phase.segments {
@@ -524,18 +568,16 @@ impl Plan {
                         // SAFETY: the tile written above.
                         unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
                     }
-                    if !direct {
-                        let (ry, rx) = phase.at;
-                        for oc in 0..o {
-                            let src = &tmp[oc * n..][..n];
-                            for (i, oy) in (oy0..oy1).enumerate() {
-                                let row = (oy * u + ry) * w_out + rx;
-                                // SAFETY: output row `oy·u + ry` of channel oc, columns
-                                // `ox·u + rx`: only this phase and tile write them.
-                                let dst = unsafe { out_b.add(oc * plane_out + row) };
-                                for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
-                                    unsafe { *dst.add(ox * u) = v };
-                                }
+                    let (ry, rx) = phase.at;
+                    for oc in 0..o {
+                        let src = &tmp[oc * n..][..n];
+                        for (i, oy) in (oy0..oy1).enumerate() {
+                            let row = (oy * u + ry) * w_out + rx;
+                            // SAFETY: output row `oy·u + ry` of channel oc, columns
+                            // `ox·u + rx`: only this phase and tile write them.
+                            let dst = unsafe { out_b.add(oc * plane_out + row) };
+                            for (ox, &v) in src[i * wo..][..wo].iter().enumerate() {
+                                unsafe { *dst.add(ox * u) = v };
                             }
                         }
                     }
