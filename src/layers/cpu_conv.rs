@@ -612,13 +612,25 @@ pub(super) fn space_to_depth(
     par_planes(&mut out, s * s * hs * ws, 0, |p, dst, _| {
         let src = &x[p * h * w..][..h * w];
         for py in 0..s {
-            for px in 0..s {
-                let dst = &mut dst[(py * s + px) * hs * ws..][..hs * ws];
-                for (y, row) in src.chunks_exact(w).skip(py).step_by(s).enumerate() {
-                    for (d, &v) in dst[y * ws..][..ws]
-                        .iter_mut()
-                        .zip(row.iter().skip(px).step_by(s))
-                    {
+            for (y, row) in src.chunks_exact(w).skip(py).step_by(s).enumerate() {
+                if s == 2 {
+                    // Both column phases of the row in one pass (the common case: a plain
+                    // loop the compiler turns into shuffles).
+                    let (d0, d1) = dst[py * 2 * hs * ws..].split_at_mut(hs * ws);
+                    let (d0, d1) = (&mut d0[y * ws..][..ws], &mut d1[y * ws..][..ws]);
+                    let pairs = row.chunks_exact(2);
+                    if let &[last] = pairs.remainder() {
+                        d0[w / 2] = last;
+                    }
+                    for ((a, b), pair) in d0.iter_mut().zip(d1.iter_mut()).zip(pairs) {
+                        *a = pair[0];
+                        *b = pair[1];
+                    }
+                    continue;
+                }
+                for px in 0..s {
+                    let d = &mut dst[((py * s + px) * hs + y) * ws..][..ws];
+                    for (d, &v) in d.iter_mut().zip(row.iter().skip(px).step_by(s)) {
                         *d = v;
                     }
                 }
