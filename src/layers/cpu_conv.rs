@@ -451,7 +451,11 @@ impl Plan {
             self.taps.len()
         };
         let cols_len = self.c_in * chunk * rows * wo;
-        let gemm_len = if direct { 0 } else { o * rows * wo };
+        let gemm_len = if direct {
+            0
+        } else {
+            self.phases.len() * o * rows * wo
+        };
         let gdn_len = if gdn.is_some() { o * rows * wo } else { 0 };
         // Stride phases of the input, so that im2col is made of contiguous copies.
         let (xs, hs, ws) = if s > 1 {
@@ -528,13 +532,15 @@ impl Plan {
                 }
                 // One set of columns for every tap of every phase.
                 self.fill_cols(xb, (h, w), &self.taps, (oy0, oy1), wo, &mut cols);
-                for phase in &self.phases {
-                    // Each phase's [O, n] tile goes to `tmp`, scattered into the output after.
-                    let (dst, rs) = (tmp.as_mut_ptr(), n);
+                // Each phase's [O, n] tile goes to its part of `tmp`; all are written into the
+                // output after.
+                for (pi, phase) in self.phases.iter().enumerate() {
+                    let part = &mut tmp[pi * o * n..][..o * n];
                     // The bias first, then the product accumulated onto it.
                     for (oc, &bv) in self.bias.iter().enumerate() {
-                        tmp[oc * n..][..n].fill(bv);
+                        part[oc * n..][..n].fill(bv);
                     }
+                    let (dst, rs) = (part.as_mut_ptr(), n);
                     let k_all = phase.taps.len() * c;
                     for &(first, count, own) in &phase.segments {
                         // SAFETY: dst is [O, n] with row stride rs; the weight columns
@@ -568,9 +574,36 @@ impl Plan {
                         // SAFETY: the tile written above.
                         unsafe { g.apply(dst, rs, n, &mut sq, &mut norm) };
                     }
+                }
+                if u == 2 && self.phases.len() == 4 {
+                    // Phases (ry, 0) and (ry, 1) interleave into output row 2·oy + ry: one
+                    // sequential pass per row.
+                    for ry in 0..2 {
+                        let (a, b) = (&tmp[2 * ry * o * n..], &tmp[(2 * ry + 1) * o * n..]);
+                        for oc in 0..o {
+                            for (i, oy) in (oy0..oy1).enumerate() {
+                                let row = oc * plane_out + (2 * oy + ry) * w_out;
+                                // SAFETY: output row `2·oy + ry` of channel oc (w_out = 2·wo
+                                // floats): only this tile writes it.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(out_b.add(row), 2 * wo)
+                                };
+                                let src = a[oc * n + i * wo..][..wo]
+                                    .iter()
+                                    .zip(&b[oc * n + i * wo..][..wo]);
+                                for (pair, (&va, &vb)) in dst.chunks_exact_mut(2).zip(src) {
+                                    pair[0] = va;
+                                    pair[1] = vb;
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                for (pi, phase) in self.phases.iter().enumerate() {
                     let (ry, rx) = phase.at;
                     for oc in 0..o {
-                        let src = &tmp[oc * n..][..n];
+                        let src = &tmp[(pi * o + oc) * n..][..n];
                         for (i, oy) in (oy0..oy1).enumerate() {
                             let row = (oy * u + ry) * w_out + rx;
                             // SAFETY: output row `oy·u + ry` of channel oc, columns
