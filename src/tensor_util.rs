@@ -82,6 +82,26 @@ pub(crate) fn par_planes(
     });
 }
 
+/// Runs `worker` on up to `items` threads (candle's thread count, at least one; the calling
+/// thread is one of them) and returns each run's result. The workers share out the items
+/// themselves (an atomic counter, typically).
+pub(crate) fn on_threads<R: Send>(items: usize, worker: impl Fn() -> R + Sync) -> Vec<R> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, items.max(1));
+    if threads == 1 {
+        return vec![worker()];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(&worker)).collect();
+        let mut all = vec![worker()];
+        all.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("worker thread panicked")),
+        );
+        all
+    })
+}
+
 /// The f32 data of a contiguous CPU tensor, for custom ops (`what` names it in errors).
 pub(crate) fn contiguous_f32<'a>(
     s: &'a candle_core::CpuStorage,

@@ -390,7 +390,7 @@ impl Module for ConvTranspose2d {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -489,7 +489,8 @@ mod tests {
         ConvTranspose2d::new(frozen(&varmap), c_in, c_out, k, s).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest absolute difference between two tensors (also used by sibling layers' tests).
+    pub(in crate::layers) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::tensor_util::{contiguous_f32, par_planes};
+use crate::tensor_util::{contiguous_f32, on_threads, par_planes};
 
 /// Output columns (pixels) per tile, rounded to whole output rows: large enough for `gemm` to
 /// run near its peak, small enough that a thread's column buffer stays a few MB. On the 2-core
@@ -75,15 +75,7 @@ impl CpuGdn {
     /// `data` must point to `C` rows of `n` writable floats, `rs` apart.
     unsafe fn apply(&self, data: *mut f32, rs: usize, n: usize, sq: &mut [f32], norm: &mut [f32]) {
         let c = self.beta.len();
-        for ch in 0..c {
-            let row = std::slice::from_raw_parts(data.add(ch * rs), n);
-            for (s, &v) in sq[ch * n..][..n].iter_mut().zip(row) {
-                *s = v * v;
-            }
-            norm[ch * n..][..n].fill(self.beta[ch]);
-        }
-        // norm = beta + gamma · x²
-        matmul_acc(norm.as_mut_ptr(), n, &self.gamma, sq, (c, n, c));
+        norm_tile(data, rs, n, &self.beta, &self.gamma, sq, norm);
         for ch in 0..c {
             let row = std::slice::from_raw_parts_mut(data.add(ch * rs), n);
             for (v, &nv) in row.iter_mut().zip(&norm[ch * n..][..n]) {
@@ -95,6 +87,42 @@ impl CpuGdn {
             }
         }
     }
+}
+
+/// Fills `sq` with the squares of the `[C, n]` tile at `x` (row stride `rs`, `C` = the length
+/// of `beta`) and `u` with `beta + gamma · sq` per pixel: the GDN norm before its square root.
+/// `sq` and `u` hold at least `C·n` floats.
+///
+/// # Safety
+/// `x` must point to `C` rows of `n` readable floats, `rs` apart.
+pub(super) unsafe fn norm_tile(
+    x: *const f32,
+    rs: usize,
+    n: usize,
+    beta: &[f32],
+    gamma: &[f32],
+    sq: &mut [f32],
+    u: &mut [f32],
+) {
+    let c = beta.len();
+    for ch in 0..c {
+        let row = std::slice::from_raw_parts(x.add(ch * rs), n);
+        for (s, &v) in sq[ch * n..][..n].iter_mut().zip(row) {
+            *s = v * v;
+        }
+        u[ch * n..][..n].fill(beta[ch]);
+    }
+    // SAFETY: gamma is [C, C], sq and u hold [C, n].
+    product(
+        (c, n, c),
+        u.as_mut_ptr(),
+        n,
+        true,
+        gamma.as_ptr(),
+        (1, c),
+        sq.as_ptr(),
+        (1, n),
+    );
 }
 
 /// The op: a convolution plan and an optional GDN epilogue.
@@ -134,19 +162,22 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
         .to_vec1::<f32>()
 }
 
-/// `dst += lhs · rhs` for row-major `lhs` `[m, k]` and `rhs` `[k, n]`, on the calling thread
-/// (the tiles are already spread over the threads); `dst` is `[m, n]` with row stride `dst_rs`.
+/// `dst [m, n] (= or +=) lhs [m, k] · rhs [k, n]` on the calling thread, with explicit
+/// (column, row) strides for each operand.
 ///
 /// # Safety
-/// `dst` must point to `m` rows of `n` writable floats, `dst_rs` apart.
-pub(super) unsafe fn matmul_acc(
+/// Each pointer must address its matrix at the given sizes and strides.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
 ) {
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
     gemm::gemm(
         m,
         n,
@@ -154,14 +185,14 @@ pub(super) unsafe fn matmul_acc(
         dst,
         1,
         dst_rs as isize,
-        true,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        n as isize,
-        1.0,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,
@@ -368,14 +399,14 @@ impl Plan {
 
 /// A raw output pointer shared by the worker threads, which write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: every (batch, phase, row tile) work item writes a disjoint set of output elements.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -501,26 +532,15 @@ impl Plan {
                         // SAFETY: dst is [O, n] with row stride plane_out; the weight columns
                         // t0·C.. (row stride k_all) and the columns cover taps·C entries.
                         unsafe {
-                            gemm::gemm(
-                                o,
-                                n,
-                                taps.len() * c,
+                            product(
+                                (o, n, taps.len() * c),
                                 dst,
-                                1,
-                                plane_out as isize,
+                                plane_out,
                                 true,
                                 phase.weight.as_ptr().add(t0 * c),
-                                1,
-                                k_all as isize,
+                                (1, k_all),
                                 cols.as_ptr(),
-                                1,
-                                n as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
+                                (1, n),
                             )
                         };
                     }
@@ -547,26 +567,15 @@ impl Plan {
                         // own·C.. (row stride k_all) and the column rows first·C.. cover
                         // count·C entries each.
                         unsafe {
-                            gemm::gemm(
-                                o,
-                                n,
-                                count * c,
+                            product(
+                                (o, n, count * c),
                                 dst,
-                                1,
-                                rs as isize,
+                                rs,
                                 true,
                                 phase.weight.as_ptr().add(own * c),
-                                1,
-                                k_all as isize,
+                                (1, k_all),
                                 cols.as_ptr().add(first * c * n),
-                                1,
-                                n as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
+                                (1, n),
                             )
                         };
                     }
@@ -617,17 +626,7 @@ impl Plan {
                 }
             }
         };
-        let threads = candle_core::utils::get_num_threads().clamp(1, items);
-        if threads == 1 {
-            worker();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(worker);
-                }
-                worker();
-            });
-        }
+        on_threads(items, worker);
         (out, h_out, w_out)
     }
 }

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::tensor_util::{contiguous_f32, cpu_f32};
+use super::cpu_conv::{norm_tile, product, OutPtr};
+use crate::tensor_util::{contiguous_f32, cpu_f32, on_threads};
 
 /// Pixels per tile: a tile's scratch (`4 · C` rows of this many floats) stays in the L2 cache.
 const TILE: usize = 512;
@@ -25,45 +26,6 @@ const TILE: usize = 512;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GdnOp {
     pub(crate) inverse: bool,
-}
-
-/// `dst [m, n] (= or +=) lhs [m, k] · rhs [k, n]` on the calling thread, with explicit
-/// (column, row) strides for each operand.
-///
-/// # Safety
-/// Each pointer must address its matrix at the given sizes and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_cs, lhs_rs): (usize, usize),
-    rhs: *const f32,
-    (rhs_cs, rhs_rs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 /// The geometry of one call: `b` images of `c` channels of `p` pixels, in tiles of `TILE`.
@@ -109,66 +71,7 @@ fn for_tiles<A: Send>(
             work(i, &mut acc);
         }
     };
-    let threads = candle_core::utils::get_num_threads().clamp(1, tiles.count().max(1));
-    if threads == 1 {
-        return vec![worker()];
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
-        let mut all = vec![worker()];
-        all.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("GDN worker panicked")),
-        );
-        all
-    })
-}
-
-/// A raw pointer to an output written by disjoint tiles from several threads.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every tile writes only its own elements.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Fills `sq` with the squares of the tile `[C, n]` at `x` (row stride `p`) and `u` with
-/// `beta + gamma · sq`.
-fn norm_tile(
-    x: &[f32],
-    p: usize,
-    n: usize,
-    beta: &[f32],
-    gamma: &[f32],
-    sq: &mut [f32],
-    u: &mut [f32],
-) {
-    let c = beta.len();
-    for ch in 0..c {
-        for (s, &v) in sq[ch * n..][..n].iter_mut().zip(&x[ch * p..][..n]) {
-            *s = v * v;
-        }
-        u[ch * n..][..n].fill(beta[ch]);
-    }
-    // SAFETY: gamma is [C, C], sq and u hold [C, n].
-    unsafe {
-        product(
-            (c, n, c),
-            u.as_mut_ptr(),
-            n,
-            true,
-            gamma.as_ptr(),
-            (1, c),
-            sq.as_ptr(),
-            (1, n),
-        );
-    }
+    on_threads(tiles.count(), worker)
 }
 
 impl CustomOp3 for GdnOp {
@@ -194,7 +97,7 @@ impl CustomOp3 for GdnOp {
         }
         let tiles = Tiles { b, c, p: h * w };
         let mut out = crate::alloc::zeroed_f32(x.len());
-        let out_ptr = Shared(out.as_mut_ptr());
+        let out_ptr = OutPtr(out.as_mut_ptr());
         let inverse = self.inverse;
         for_tiles(
             tiles,
@@ -202,7 +105,8 @@ impl CustomOp3 for GdnOp {
             |i, (sq, u)| {
                 let (off, n) = tiles.tile(i);
                 let xt = &x[off..];
-                norm_tile(xt, tiles.p, n, beta, gamma, sq, u);
+                // SAFETY: the tile's C rows of n floats, p apart, lie inside x.
+                unsafe { norm_tile(xt.as_ptr(), tiles.p, n, beta, gamma, sq, u) };
                 for ch in 0..c {
                     // SAFETY: channel ch's pixels of this tile; no other tile writes them.
                     let y = unsafe {
@@ -251,7 +155,7 @@ impl CustomOp3 for GdnOp {
         } else {
             Vec::new()
         };
-        let dx_ptr = Shared(dx.as_mut_ptr());
+        let dx_ptr = OutPtr(dx.as_mut_ptr());
         let inverse = self.inverse;
         let parts = for_tiles(
             tiles,
@@ -265,7 +169,8 @@ impl CustomOp3 for GdnOp {
             |i, ([sq, u, v], d_beta, d_gamma)| {
                 let (off, n) = tiles.tile(i);
                 let (xt, gt) = (&xv[off..], &g[off..]);
-                norm_tile(xt, p, n, beta_v, gamma_v, sq, u);
+                // SAFETY: the tile's C rows of n floats, p apart, lie inside the input.
+                unsafe { norm_tile(xt.as_ptr(), p, n, beta_v, gamma_v, sq, u) };
                 // v = ∂L/∂u; u is overwritten with the direct part of ∂L/∂x.
                 for ch in 0..c {
                     let rows = xt[ch * p..][..n].iter().zip(&gt[ch * p..][..n]);

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu_conv::{space_to_depth, Plan};
-use crate::tensor_util::{contiguous_f32, cpu_f32};
+use super::cpu_conv::{product, space_to_depth, Plan};
+use crate::tensor_util::{contiguous_f32, cpu_f32, on_threads};
 
 /// A trainable convolution on f32 CPU tensors: `apply_op3(x, weight, bias)`.
 #[derive(Debug, Clone, Copy)]
@@ -234,26 +234,15 @@ fn weight_gradients(
                     // SAFETY: `gw` is [O, k]; `g` holds O rows of n floats rs apart (the slicing
                     // above checked the extent); `cols` holds k rows of n floats.
                     unsafe {
-                        gemm::gemm(
-                            o,
-                            k,
-                            n,
+                        product(
+                            (o, k, n),
                             gw.as_mut_ptr(),
-                            1,
-                            k as isize,
+                            k,
                             true,
                             g.as_ptr(),
-                            1,
-                            rs as isize,
+                            (1, rs),
                             cols.as_ptr(),
-                            n as isize,
-                            1,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            (n, 1),
                         );
                     }
                 }
@@ -261,21 +250,7 @@ fn weight_gradients(
         }
         (gw, gb)
     };
-    let threads = candle_core::utils::get_num_threads().clamp(1, b);
-    let parts: Vec<_> = if threads == 1 {
-        vec![worker()]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
-            let mut parts = vec![worker()];
-            parts.extend(
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("conv worker panicked")),
-            );
-            parts
-        })
-    };
+    let parts = on_threads(b, worker);
     let kk = plan.kernel_area;
     for (gw, gb) in parts {
         for (d, g) in db.iter_mut().zip(gb) {
@@ -304,18 +279,8 @@ fn weight_gradients(
 mod tests {
     use candle_core::{DType, Device, Module, Tensor, Var};
 
+    use crate::layers::conv::tests::max_diff;
     use crate::layers::{Conv2d, ConvTranspose2d};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     fn scale(t: &Tensor) -> f32 {
         t.abs()
