@@ -82,6 +82,35 @@ pub(crate) fn par_planes(
     });
 }
 
+/// Runs `worker` over `0..items` split into one contiguous range per thread (candle's thread
+/// count, at most `items`; the calling thread takes the first) and returns the results in range
+/// order. Reductions use it rather than [`on_threads`]: a fixed split sums in the same order on
+/// every run, so training is bit-reproducible for a given thread count (resuming from a
+/// checkpoint retraces the uninterrupted run exactly).
+pub(crate) fn on_ranges<R: Send>(
+    items: usize,
+    worker: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, items.max(1));
+    let range = |t: usize| t * items / threads..(t + 1) * items / threads;
+    if threads == 1 {
+        return vec![worker(0..items)];
+    }
+    std::thread::scope(|scope| {
+        let worker = &worker;
+        let handles: Vec<_> = (1..threads)
+            .map(|t| scope.spawn(move || worker(range(t))))
+            .collect();
+        let mut all = vec![worker(range(0))];
+        all.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("worker thread panicked")),
+        );
+        all
+    })
+}
+
 /// Runs `worker` on up to `items` threads (candle's thread count, at least one; the calling
 /// thread is one of them) and returns each run's result. The workers share out the items
 /// themselves (an atomic counter, typically).

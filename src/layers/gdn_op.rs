@@ -11,12 +11,10 @@
 //! `g·x / (2n)`): `∂L/∂beta = Σ v`, `∂L/∂gamma = Σ v · (x²)ᵀ` and
 //! `∂L/∂x = g / n` (IGDN: `g · n`) `+ 2x · (gammaᵀ v)`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::cpu_conv::{norm_tile, product, OutPtr};
-use crate::tensor_util::{contiguous_f32, cpu_f32, on_threads};
+use crate::tensor_util::{contiguous_f32, cpu_f32, on_ranges};
 
 /// Pixels per tile: a tile's scratch (`4 · C` rows of this many floats) stays in the L2 cache.
 const TILE: usize = 512;
@@ -53,25 +51,21 @@ impl Tiles {
     }
 }
 
-/// Runs `work(tile, scratch)` over every tile on the available threads and returns each
-/// thread's accumulator (made by `init`).
+/// Runs `work(tile, scratch)` over every tile on the available threads (a fixed contiguous
+/// share each, so the backward sums are reproducible) and returns each thread's accumulator
+/// (made by `init`), in tile order.
 fn for_tiles<A: Send>(
     tiles: Tiles,
     init: impl Fn() -> A + Sync,
     work: impl Fn(usize, &mut A) + Sync,
 ) -> Vec<A> {
-    let next = AtomicUsize::new(0);
-    let worker = || {
+    on_ranges(tiles.count(), |range| {
         let mut acc = init();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= tiles.count() {
-                return acc;
-            }
+        for i in range {
             work(i, &mut acc);
         }
-    };
-    on_threads(tiles.count(), worker)
+        acc
+    })
 }
 
 impl CustomOp3 for GdnOp {

@@ -11,12 +11,10 @@
 //! gradient back with the adjoint of im2col. Transposed convolutions keep their stride-phase
 //! form both ways, so no multiply is spent on the zero taps of a padded phase kernel.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::cpu_conv::{product, space_to_depth, Plan};
-use crate::tensor_util::{contiguous_f32, cpu_f32, on_threads};
+use crate::tensor_util::{contiguous_f32, cpu_f32, on_ranges};
 
 /// A trainable convolution on f32 CPU tensors: `apply_op3(x, weight, bias)`.
 #[derive(Debug, Clone, Copy)]
@@ -188,8 +186,9 @@ fn weight_gradients(
     let direct = u == 1 && plan.phases.len() == 1;
     let max_k = c * plan.phases.iter().map(|p| p.taps.len()).max().unwrap_or(0);
     let n_max = rows * wo;
-    let next = AtomicUsize::new(0);
-    let worker = || {
+    // Each thread sums a fixed run of images, and the runs are added in order: the same
+    // gradient bits on every run (resumed training retraces the uninterrupted one).
+    let worker = |images: std::ops::Range<usize>| {
         let mut cols = vec![0f32; max_k * n_max];
         let mut dyp = vec![0f32; if direct { 0 } else { o * n_max }];
         let mut gw: Vec<Vec<f32>> = plan
@@ -198,11 +197,7 @@ fn weight_gradients(
             .map(|p| vec![0f32; o * c * p.taps.len()])
             .collect();
         let mut gb = vec![0f32; o];
-        loop {
-            let bi = next.fetch_add(1, Ordering::Relaxed);
-            if bi >= b {
-                break;
-            }
+        for bi in images {
             let xb = &xs[bi * plane_in..][..plane_in];
             let dyb = &dy[bi * o * plane_out..][..o * plane_out];
             for (phase, gw) in plan.phases.iter().zip(&mut gw) {
@@ -250,7 +245,7 @@ fn weight_gradients(
         }
         (gw, gb)
     };
-    let parts = on_threads(b, worker);
+    let parts = on_ranges(b, worker);
     let kk = plan.kernel_area;
     for (gw, gb) in parts {
         for (d, g) in db.iter_mut().zip(gb) {
@@ -418,6 +413,37 @@ mod tests {
                 [&wt, &bias],
                 &format!("deconv k{k} s{s} {b}x{c_in}x{h}x{w}"),
             );
+        }
+    }
+
+    #[test]
+    fn gradients_repeat_bit_for_bit() {
+        // Resumed training must retrace the uninterrupted run, so the per-thread partial sums
+        // of the kernel, bias and GDN gradients must be added in the same order on every call.
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, 13, DType::F32, &Device::Cpu);
+        let conv = Conv2d::new(vb.pp("conv"), 3, 8, 5, 2).unwrap();
+        let gdn = crate::layers::Gdn::new(vb.pp("gdn"), 8, false).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (12, 3, 24, 20), &Device::Cpu).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (12, 8, 12, 10), &Device::Cpu).unwrap();
+        let vars = varmap.all_vars();
+        let grads = || -> Vec<Vec<u32>> {
+            let y = gdn.forward(&conv.forward(&x).unwrap()).unwrap();
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            vars.iter()
+                .map(|v| {
+                    let t = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.to_bits())
+                        .collect()
+                })
+                .collect()
+        };
+        let first = grads();
+        for _ in 0..20 {
+            assert!(grads() == first, "gradients differ between identical calls");
         }
     }
 }
