@@ -135,13 +135,13 @@ pub(crate) struct Table {
 
 /// Decode lookup entry of one bucket of cumulative frequencies (8 bytes, fields loaded directly).
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub(crate) struct Bucket {
     /// Frequency of the symbol holding the whole bucket, or 0 if the bucket needs a scan.
-    freq: u16,
+    pub(crate) freq: u16,
     /// Cumulative frequency where that symbol starts.
-    start: u16,
+    pub(crate) start: u16,
     /// Its value (symbol + offset); for a scan bucket, the symbol holding the bucket's start.
-    value: i32,
+    pub(crate) value: i32,
 }
 
 impl Bucket {
@@ -149,27 +149,6 @@ impl Bucket {
     fn span(&self) -> usize {
         usize::from(self.start)
     }
-}
-
-/// What the lookup says about one cumulative frequency.
-pub(crate) enum LutEntry {
-    /// The whole bucket lies in one ordinary (non-escape) symbol `[start, start + freq)` whose
-    /// value (symbol + offset) fits in `i32`.
-    Direct {
-        /// Cumulative frequency where the symbol starts.
-        start: u32,
-        /// Frequency of the symbol.
-        freq: u32,
-        /// Decoded value, symbol + offset.
-        value: i32,
-    },
-    /// Anything else: search the CDF between the symbols holding the bucket's ends.
-    Scan {
-        /// Symbol holding the bucket's first cumulative frequency.
-        first: usize,
-        /// Symbol holding the bucket's last cumulative frequency.
-        last: usize,
-    },
 }
 
 impl Table {
@@ -217,28 +196,23 @@ impl Table {
         })
     }
 
-    /// The lookup entry for cumulative frequency `cum < 1 << PRECISION`.
+    /// The lookup bucket of cumulative frequency `cum < 1 << PRECISION`. A nonzero `freq`
+    /// means the bucket lies inside one ordinary (non-escape) symbol, `[start, start + freq)`,
+    /// whose value (symbol + offset) fits in `i32`: the decoder's fast path uses it whole.
     #[inline(always)]
-    pub(crate) fn lookup(&self, cum: u32) -> LutEntry {
-        let b = self.lut[(cum >> self.lut_shift) as usize];
-        if b.freq != 0 {
-            LutEntry::Direct {
-                start: u32::from(b.start),
-                freq: u32::from(b.freq),
-                value: b.value,
-            }
-        } else {
-            let first = b.value as usize;
-            LutEntry::Scan {
-                first,
-                last: first + b.span(),
-            }
-        }
+    pub(crate) fn bucket(&self, cum: u32) -> Bucket {
+        self.lut[(cum >> self.lut_shift) as usize]
     }
 
-    /// The symbol `s` with `cdf[s] <= cum < cdf[s + 1]`, given that it lies in `first..=last`.
+    /// The symbol `s` with `cdf[s] <= cum < cdf[s + 1]`, for `cum < 1 << PRECISION`: the bucket's
+    /// symbol, or a search of the CDF between the symbols holding the bucket's ends.
     #[inline(always)]
-    pub(crate) fn scan(&self, first: usize, last: usize, cum: u32) -> usize {
+    pub(crate) fn find(&self, cum: u32) -> usize {
+        let b = self.bucket(cum);
+        if b.freq != 0 {
+            return (i64::from(b.value) - i64::from(self.offset)) as usize;
+        }
+        let (first, last) = (b.value as usize, b.value as usize + b.span());
         if last - first <= LINEAR_SCAN_MAX {
             let mut s = first;
             while self.cdf[s + 1] <= cum {
@@ -247,16 +221,6 @@ impl Table {
             s
         } else {
             first + self.cdf[first + 1..=last].partition_point(|&c| c <= cum)
-        }
-    }
-
-    /// The symbol `s` with `cdf[s] <= cum < cdf[s + 1]`, for `cum < 1 << PRECISION`.
-    #[cfg(any(test, feature = "ryg-rans"))]
-    #[inline(always)]
-    pub(crate) fn find(&self, cum: u32) -> usize {
-        match self.lookup(cum) {
-            LutEntry::Direct { value, .. } => (i64::from(value) - i64::from(self.offset)) as usize,
-            LutEntry::Scan { first, last } => self.scan(first, last, cum),
         }
     }
 }
@@ -424,6 +388,12 @@ impl CdfTables {
 }
 
 impl CdfTables {
+    /// All tables, for decode loops that check each index themselves.
+    #[inline(always)]
+    pub(crate) fn all(&self) -> &[Table] {
+        &self.tables
+    }
+
     /// The tables in CompressAI's buffer layout: (`_quantized_cdf` row-major and zero-padded,
     /// rows, row width, `_cdf_length`, `_offset`), for writing model files.
     pub fn to_padded(&self) -> (Vec<i32>, usize, usize, Vec<i32>, Vec<i32>) {

@@ -15,7 +15,7 @@
 //! error on encoding, and longer bypass counts an error on decoding (CompressAI itself hits
 //! undefined behaviour for raw values of 2^28 and more).
 
-use super::cdf::{CdfTables, LutEntry, Table, PRECISION};
+use super::cdf::{CdfTables, Table, PRECISION};
 use crate::error::{Error, Result};
 
 /// Lower bound of the normalised rANS state.
@@ -184,10 +184,19 @@ impl Rans64Enc {
 }
 
 /// rANS decoder state over the string's words.
+///
+/// The decode loop keeps `x` and `pos` in locals and calls back into this type only on its cold
+/// paths, so the state stays in registers: each symbol is one serial chain (mask, lookup,
+/// multiply, add), and every instruction off that chain still costs throughput.
 struct Rans64Dec {
     x: u64,
     words: Vec<u32>,
     pos: usize,
+}
+
+#[cold]
+fn truncated() -> Error {
+    coding_error("rANS string is truncated".into())
 }
 
 impl Rans64Dec {
@@ -221,7 +230,7 @@ impl Rans64Dec {
     fn renorm(&mut self) -> Result<()> {
         if self.x < RANS64_L {
             let Some(&w) = self.words.get(self.pos) else {
-                return Err(coding_error("rANS string is truncated".into()));
+                return Err(truncated());
             };
             self.pos += 1;
             self.x = (self.x << 32) | u64::from(w);
@@ -229,28 +238,29 @@ impl Rans64Dec {
         Ok(())
     }
 
-    /// Decodes one symbol of `table`: its value, or `Err(symbol)` for a symbol that needs the
-    /// careful path (the escape, or a value outside `i32`).
-    #[inline(always)]
-    fn get(&mut self, table: &Table) -> Result<std::result::Result<i32, usize>> {
-        let cum = (self.x & CUM_MASK) as u32;
-        let (start, freq, decoded) = match table.lookup(cum) {
-            LutEntry::Direct { start, freq, value } => (start, freq, Ok(value)),
-            LutEntry::Scan { first, last } => {
-                let s = table.scan(first, last, cum);
-                let start = table.cdf[s];
-                let value = i32::try_from(s as i64 + i64::from(table.offset));
-                let decoded = match value {
-                    Ok(value) if s as u32 != table.max_value => Ok(value),
-                    _ => Err(s),
-                };
-                (start, table.cdf[s + 1] - start, decoded)
-            }
-        };
+    /// Decodes the symbol at position `k` whose cumulative frequency `cum` fell into a lookup
+    /// bucket without a direct answer: a bucket shared by several symbols (searched), the escape
+    /// (followed by its bypass chunks), or a value outside `i32` (an error).
+    #[cold]
+    #[inline(never)]
+    fn get_searched(&mut self, table: &Table, cum: u32, k: usize) -> Result<i32> {
+        let s = table.find(cum);
+        let start = table.cdf[s];
+        let freq = table.cdf[s + 1] - start;
         // freq <= 2^16 and x >> 16 < 2^48: cannot overflow.
         self.x = u64::from(freq) * (self.x >> PRECISION) + u64::from(cum - start);
         self.renorm()?;
-        Ok(decoded)
+        if s as u32 == table.max_value {
+            let n = self.get_bits()?;
+            check_bypass_count(n, k)?;
+            let mut raw = 0u32;
+            for j in 0..n {
+                raw |= self.get_bits()? << (j * BYPASS_PRECISION);
+            }
+            return unescape(raw, table, k);
+        }
+        i32::try_from(s as i64 + i64::from(table.offset))
+            .map_err(|_| coding_error(format!("decoded value at position {k} does not fit in i32")))
     }
 
     /// Decodes a 4-bit bypass value (CompressAI's `Rans64DecGetBits`).
@@ -312,28 +322,35 @@ impl EntropyCoder for RansCoder {
         tables: &CdfTables,
     ) -> Result<Vec<i32>> {
         let mut dec = Rans64Dec::new(data)?;
+        let all = tables.all();
         let mut out = Vec::with_capacity(indexes.len());
+        let (mut x, mut pos) = (dec.x, dec.pos);
         for (k, &index) in indexes.iter().enumerate() {
-            let table = tables.table(index, k)?;
-            let symbol = match dec.get(table)? {
-                Ok(value) => value,
-                Err(s) if s as u32 == table.max_value => {
-                    let n = dec.get_bits()?;
-                    check_bypass_count(n, k)?;
-                    let mut raw = 0u32;
-                    for j in 0..n {
-                        raw |= dec.get_bits()? << (j * BYPASS_PRECISION);
-                    }
-                    unescape(raw, table, k)?
-                }
-                Err(_) => {
-                    return Err(coding_error(format!(
-                        "decoded value at position {k} does not fit in i32"
-                    )))
-                }
+            // A negative index wraps to a huge one and misses too.
+            let Some(table) = all.get(index as usize) else {
+                return Err(tables.table(index, k).unwrap_err());
             };
-            out.push(symbol);
+            let cum = (x & CUM_MASK) as u32;
+            let b = table.bucket(cum);
+            if b.freq != 0 {
+                // The bucket lies inside one ordinary symbol: no search, no escape.
+                // freq < 2^16 and x >> 16 < 2^48: cannot overflow.
+                x = u64::from(b.freq) * (x >> PRECISION) + u64::from(cum - u32::from(b.start));
+                if x < RANS64_L {
+                    let Some(&w) = dec.words.get(pos) else {
+                        return Err(truncated());
+                    };
+                    pos += 1;
+                    x = (x << 32) | u64::from(w);
+                }
+                out.push(b.value);
+            } else {
+                (dec.x, dec.pos) = (x, pos);
+                out.push(dec.get_searched(table, cum, k)?);
+                (x, pos) = (dec.x, dec.pos);
+            }
         }
+        (dec.x, dec.pos) = (x, pos);
         dec.finish()?;
         Ok(out)
     }
@@ -739,6 +756,21 @@ mod tests {
         assert!(RansCoder
             .decode_with_indexes(&data, &indexes[..499], &tables)
             .is_err());
+        // A bad table index is named with its position, by every coder.
+        for bad in [-1, tables.len() as i32] {
+            let mut wrong = indexes.clone();
+            wrong[321] = bad;
+            for coder in coders() {
+                let err = coder
+                    .decode_with_indexes(&data, &wrong, &tables)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.contains(&format!("table index {bad} at position 321")),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]
