@@ -1,5 +1,6 @@
 //! The trainer: stage 0 (rate-distortion pretraining), stage 1 (joint shielding) and stage 2
-//! (privacy emphasis, synthesis side only), with checkpoints that resume bit-identically.
+//! (privacy emphasis, synthesis side only), with checkpoints that resume bit-identically on the
+//! same device and thread count.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -913,9 +914,10 @@ impl Trainer {
         crate::image_io::write_atomic(path, &bytes)
     }
 
-    /// Resumes a run from a checkpoint: continues exactly where it stopped. `overrides` may
-    /// change settings that do not alter the run's state (device, steps, schedule, validation,
-    /// checkpoint interval).
+    /// Resumes a run from a checkpoint: continues exactly where it stopped, bit for bit on the
+    /// same device with the same number of CPU threads (the gradient sums are added in an order
+    /// fixed by the thread count). `overrides` may change settings that do not alter the run's
+    /// state (device, steps, schedule, validation, checkpoint interval).
     pub fn resume(
         path: impl AsRef<Path>,
         device: &Device,
