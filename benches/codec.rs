@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use psic::bitstream::Bitstream;
 use psic::entropy::{EntropyCoder, RansCoder};
 use psic::{Codec, ModelFile};
 
@@ -52,32 +51,22 @@ fn benches(c: &mut Criterion) {
     // The coder alone, on the real symbols and tables of this image.
     let latent = codec.decode_latent(&bytes).expect("latent");
     let gc = codec.backbone().gaussian_conditional();
-    let params = codec
-        .backbone()
-        .hyper_synthesis(
-            &codec
-                .backbone()
-                .entropy_bottleneck()
-                .decompress(&[&latent.stream.strings[1]], (8, 12), &RansCoder)
-                .unwrap(),
-        )
-        .unwrap();
-    let indexes = gc.build_indexes(&params.scales).unwrap();
+    let indexes = &latent.y_indexes;
     let symbols = gc.symbols(&latent.y_hat, None).unwrap();
-    let y_string = Bitstream::from_bytes(&bytes).unwrap().strings[0].clone();
+    let y_string = &latent.stream.strings[0];
     let mut g = c.benchmark_group("rans_y_symbols");
     g.throughput(Throughput::Elements(symbols.len() as u64));
     g.bench_function("encode", |b| {
         b.iter(|| {
             RansCoder
-                .encode_with_indexes(&symbols, &indexes, gc.tables())
+                .encode_with_indexes(&symbols, indexes, gc.tables())
                 .unwrap()
         })
     });
     g.bench_function("decode", |b| {
         b.iter(|| {
             RansCoder
-                .decode_with_indexes(&y_string, &indexes, gc.tables())
+                .decode_with_indexes(y_string, indexes, gc.tables())
                 .unwrap()
         })
     });

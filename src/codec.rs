@@ -58,6 +58,9 @@ pub struct DecodedLatent {
     pub stream: Bitstream,
     /// The quantised latent `y_hat`, `[1, C, H, W]`.
     pub y_hat: Tensor,
+    /// The Gaussian-conditional table index of each `y` symbol (from the decoded hyperprior),
+    /// as the entropy coder read `stream.strings[0]` with them.
+    pub y_indexes: Vec<i32>,
 }
 
 impl Codec {
@@ -246,7 +249,11 @@ impl Codec {
             coder,
             b.device(),
         )?;
-        Ok(DecodedLatent { stream, y_hat })
+        Ok(DecodedLatent {
+            stream,
+            y_hat,
+            y_indexes: indexes,
+        })
     }
 
     /// Triggers for `condition`: `None` for a plain model (which has one decode only).

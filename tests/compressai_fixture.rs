@@ -109,6 +109,11 @@ fn decodes_compressai_strings_exactly() {
     };
     let latent = f.codec.decode_latent(&stream.to_bytes().unwrap()).unwrap();
     assert_eq!(f32s(&latent.y_hat), f32s(&f.refs["y_hat"]), "y_hat differs");
+    assert_eq!(
+        latent.y_indexes,
+        i32s(&f.refs["y_indexes"]),
+        "y indexes differ"
+    );
     let x_hat = f
         .codec
         .backbone()
