@@ -194,9 +194,18 @@ struct Rans64Dec {
     pos: usize,
 }
 
-#[cold]
-fn truncated() -> Error {
-    coding_error("rANS string is truncated".into())
+/// Refills a state that fell below 2^31 with the next word (CompressAI's `Rans64DecRenorm`).
+/// A free function so the decode loop can run it on its own copies of the state in registers.
+#[inline(always)]
+fn renorm(x: &mut u64, pos: &mut usize, words: &[u32]) -> Result<()> {
+    if *x < RANS64_L {
+        let Some(&w) = words.get(*pos) else {
+            return Err(coding_error("rANS string is truncated".into()));
+        };
+        *pos += 1;
+        *x = (*x << 32) | u64::from(w);
+    }
+    Ok(())
 }
 
 impl Rans64Dec {
@@ -228,14 +237,7 @@ impl Rans64Dec {
 
     #[inline(always)]
     fn renorm(&mut self) -> Result<()> {
-        if self.x < RANS64_L {
-            let Some(&w) = self.words.get(self.pos) else {
-                return Err(truncated());
-            };
-            self.pos += 1;
-            self.x = (self.x << 32) | u64::from(w);
-        }
-        Ok(())
+        renorm(&mut self.x, &mut self.pos, &self.words)
     }
 
     /// Decodes the symbol at position `k` whose cumulative frequency `cum` fell into a lookup
@@ -336,13 +338,7 @@ impl EntropyCoder for RansCoder {
                 // The bucket lies inside one ordinary symbol: no search, no escape.
                 // freq < 2^16 and x >> 16 < 2^48: cannot overflow.
                 x = u64::from(b.freq) * (x >> PRECISION) + u64::from(cum - u32::from(b.start));
-                if x < RANS64_L {
-                    let Some(&w) = dec.words.get(pos) else {
-                        return Err(truncated());
-                    };
-                    pos += 1;
-                    x = (x << 32) | u64::from(w);
-                }
+                renorm(&mut x, &mut pos, &dec.words)?;
                 out.push(b.value);
             } else {
                 (dec.x, dec.pos) = (x, pos);
