@@ -15,34 +15,62 @@
 //! - [`codec`]: [`Codec`], which ties them together;
 //! - [`shield`]: conditions and the CLTG trigger generator;
 //! - [`targets`]: the semantic models a shield is trained and measured against;
-//! - [`train`]: the three training stages;
+//! - `train`: the three training stages (cargo feature `train`);
 //! - [`zoo`]: the default model that ships with psic;
-//! - [`metrics`], [`baseline`], [`plot`]: PSNR and MS-SSIM, the JPEG baseline, and the charts
-//!   of the evaluation.
+//! - [`metrics`]: PSNR and MS-SSIM; `eval`, `baseline`, `plot` (cargo feature `eval`): the
+//!   evaluation harness, the JPEG baseline and the charts of the evaluation.
+//!
+//! ## Cargo features
+//!
+//! | feature | what it adds | extra dependencies |
+//! | --- | --- | --- |
+//! | `default-model` | the embedded default model ([`zoo`], 7.4 MB in the binary) | – |
+//! | `train` | `train`, `data`, the EfficientNet-Lite target | `toml` |
+//! | `eval` | `eval`, `baseline`, `plot`, `data` | `jpeg-encoder` |
+//! | `clip` | the CLIP target, its BPE tokenizer and text repair | `candle-transformers`, `regex`, `flate2`, `unicode-normalization-alignments` |
+//! | `efficientnet-lite` | the EfficientNet-Lite target alone (part of `train`) | – |
+//! | `cuda`, `metal` | candle's GPU back ends | |
+//! | `ryg-rans` | the `rans` crate (ryg_rans in C) as a cross-check coder | `rans` (needs libclang) |
+//!
+//! All of them but the last three are on by default. A program that only encodes and decodes
+//! compiles the codec core with `default-features = false, features = ["default-model"]`
+//! (or without `default-model`, reading its model files from disk).
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod alloc;
 pub mod backbone;
+#[cfg(feature = "eval")]
 pub mod baseline;
 pub mod bitstream;
 pub mod codec;
+#[cfg(any(feature = "train", feature = "eval"))]
 pub mod data;
 pub mod entropy;
 pub mod error;
+#[cfg(feature = "eval")]
 pub mod eval;
 pub mod image_io;
 pub mod init;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "eval")]
 pub mod plot;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod zoo;
 
 pub use backbone::LicBackbone;
+/// The tensor library psic is built on (its `Tensor`, `Device` and `DType` appear in psic's API).
+pub use candle_core;
+/// candle's neural-network crate (its `VarBuilder` loads a backbone's weights).
+pub use candle_nn;
 pub use codec::Codec;
 pub use error::{Error, Result};
+/// The image library of psic's API (`image::RgbImage` in and out of [`Codec`]).
+pub use image;
 pub use model::ModelFile;

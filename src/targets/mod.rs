@@ -13,25 +13,36 @@
 //! Everything from the decoder's pixels to the logits is built from candle tensor ops, so a loss
 //! on a target's output backpropagates into the codec's synthesis transform.
 //!
-//! - [`EfficientNetLite`]: EfficientNet-Lite ImageNet classifiers (TF "same" padding, ReLU6).
-//! - [`Clip`]: CLIP (Hugging Face `CLIPModel` folders) scored against a caption set, with
-//!   OpenAI's BPE tokenizer ([`ClipTokenizer`]) and the text repair it applies ([`ftfy`]).
+//! - `EfficientNetLite`: EfficientNet-Lite ImageNet classifiers (TF "same" padding, ReLU6;
+//!   cargo feature `efficientnet-lite`, part of `train`).
+//! - `Clip`: CLIP (Hugging Face `CLIPModel` folders) scored against a caption set, with
+//!   OpenAI's BPE tokenizer (`ClipTokenizer`) and the text repair it applies (`ftfy`); cargo
+//!   feature `clip`.
 //! - [`preprocess`]: differentiable bicubic resize and centre crop.
 //! - [`classify_folder`]: top-k classes for every image of a folder (the CLI's `classify`).
 
+#[cfg(feature = "clip")]
 mod clip;
+#[cfg(feature = "clip")]
 pub mod clip_tokenizer;
+#[cfg(feature = "efficientnet-lite")]
 mod depthwise;
+#[cfg(feature = "efficientnet-lite")]
 mod efficientnet_lite;
+#[cfg(feature = "clip")]
 pub mod ftfy;
+#[cfg(feature = "clip")]
 #[rustfmt::skip]
 mod ftfy_tables;
 pub mod preprocess;
 
+#[cfg(feature = "clip")]
 pub use clip::{
     Clip, ClipConfig, ClipEncoderConfig, ClipTextConfig, ClipVisionConfig, CLIP_MEAN, CLIP_STD,
 };
+#[cfg(feature = "clip")]
 pub use clip_tokenizer::{clean_text, ClipTokenizer};
+#[cfg(feature = "efficientnet-lite")]
 pub use efficientnet_lite::{
     infer_block_strides, EfficientNetLite, EfficientNetLiteConfig, MbConvBlockConfig,
 };
@@ -83,7 +94,7 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
     /// Scores `[B, N]` of image embeddings against caption embeddings from
     /// [`embed_captions`](Self::embed_captions): `logit_scale · cos`, as CLIP scores them.
     fn caption_logits(&self, embeddings: &Tensor, captions: &Tensor) -> Result<Tensor> {
-        Ok((crate::train::uaeo::cosine_matrix(embeddings, captions)? * self.logit_scale() as f64)?)
+        Ok((cosine_matrix(embeddings, captions)? * self.logit_scale() as f64)?)
     }
 
     /// Class scores `[B, K]` of preprocessed input.
@@ -98,6 +109,16 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
         let logits = self.logits(&self.preprocess(&images)?)?;
         top_k(&logits, k)
     }
+}
+
+/// Cosine similarities `[N, M]` between the rows of `a` `[N, D]` and of `b` `[M, D]` (each row
+/// divided by its L2 norm, with 1e-12 under the root so zero rows give zero, not NaN).
+pub fn cosine_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let norm = |t: &Tensor| -> Result<Tensor> {
+        let n = (t.sqr()?.sum_keepdim(candle_core::D::Minus1)? + 1e-12)?.sqrt()?;
+        Ok(t.broadcast_div(&n)?)
+    };
+    Ok(norm(a)?.matmul(&norm(b)?.t()?)?)
 }
 
 /// Indices of the `k` largest entries of every row of `[B, K]` scores, largest first; ties keep

@@ -375,6 +375,11 @@ fn is_synthesis_side(name: &str) -> bool {
 pub fn load_target(kind: &str, weights: &Path, device: &Device) -> Result<Box<dyn SemanticTarget>> {
     match kind {
         "efficientnet-lite" => Ok(Box::new(EfficientNetLite::load(weights, device)?)),
+        #[cfg(not(feature = "clip"))]
+        "clip" => Err(Error::InvalidArgument(
+            "the clip target needs psic's `clip` cargo feature".into(),
+        )),
+        #[cfg(feature = "clip")]
         "clip" => {
             // weights = a Hugging Face CLIP folder: config.json, model.safetensors,
             // bpe_simple_vocab_16e6.txt.gz (or merges.txt) and captions.txt (one caption a line).
