@@ -24,7 +24,7 @@
 //! - with a classifier the captions are all `K` classes, not the batch, and the img→txt term uses
 //!   the classifier's real logits (a cosine over 1000 classes with scale 1 carries no signal).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -71,14 +71,10 @@ pub struct EvidentialSplit {
     pub least_likely: Vec<usize>,
 }
 
-/// Cosine similarities `[B, K]` between the rows of `a` `[B, D]` and `b` `[K, D]`.
-pub fn cosine_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let norm = |t: &Tensor| -> Result<Tensor> {
-        let n = (t.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
-        Ok(t.broadcast_div(&n)?)
-    };
-    Ok(norm(a)?.matmul(&norm(b)?.t()?)?)
-}
+/// Cosine similarities `[B, K]` between the rows of `a` `[B, D]` and `b` `[K, D]` (defined in
+/// the codec core, beside the [`SemanticTarget`](crate::targets::SemanticTarget) that scores
+/// captions with it).
+pub use crate::targets::cosine_matrix;
 
 /// Splits a batch by the evidence of the target's scores of the original images.
 ///
