@@ -49,9 +49,13 @@ commands:
   export  -i CHECKPOINT -o MODEL.safetensors    the model file of a training checkpoint
   eval    [-m MODEL] --data DIR --out REPORT_DIR [--split eval|all] [--eval-percent 20]
           [--limit N] [--target efficientnet-lite --weights W] [--jpeg 5,10,..|none]
-          [--no-purify] [--title TEXT]
+          [--no-purify] [--title TEXT] [--probes KIND:WEIGHTS,..]
+          [--jpeg-flavor libjpeg420|image444]
           evaluate a codec (default model without -m) on a folder: writes report.json,
           report.md, grid.png (original | full | shielded), rd.png and accuracy.png
+  tradeoff --reports NAME=REPORT_DIR,.. --out CHART.png
+          the shield trade-off chart across evaluated runs: top-1 on the shielded
+          decodes (target and probes) against shielded PSNR
   psnr    -a A.png -b B.png                   PSNR (dB) between two images of the same size
   classify --target efficientnet-lite|clip --weights W --data DIR --out PRED.json
           top-5 predictions of a semantic target for every PNG/JPEG in DIR (for clip, W is a
@@ -553,10 +557,37 @@ fn export(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `tradeoff --reports NAME=DIR,.. --out CHART.png`: one point per evaluated run.
+fn tradeoff(args: &[String]) -> Result<()> {
+    let a = Args::parse_with_switches(args, &[("-r", "--reports"), ("-o", "--out")], &[])?;
+    let points = a
+        .get("--reports")?
+        .split(',')
+        .map(|item| {
+            let (name, dir) = item.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("--reports {item:?}: use NAME=REPORT_DIR"))
+            })?;
+            let path = Path::new(dir).join("report.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            psic::eval::tradeoff_point(name, &text)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = Path::new(a.get("--out")?);
+    psic::eval::tradeoff_chart(&points, out)?;
+    for p in &points {
+        println!(
+            "{}: shielded top-1 {:.1}% (probes {:?}), shielded PSNR {:.2} dB",
+            p.name, p.shielded_top1, p.probe_top1, p.shielded_psnr
+        );
+    }
+    println!("chart in {}", out.display());
+    Ok(())
+}
+
 /// `eval [-m MODEL] --data DIR [--split eval|all] [--eval-percent P] [--limit N]
 /// [--target T --weights W] [--jpeg Q1,Q2,..] [--no-purify] --out REPORT_DIR`.
 fn eval(args: &[String]) -> Result<()> {
-    use psic::eval::{evaluate, load_images, EvalConfig};
+    use psic::eval::{load_images, EvalConfig};
     let a = Args::parse_with_switches(
         args,
         &[
@@ -570,6 +601,8 @@ fn eval(args: &[String]) -> Result<()> {
             ("-j", "--jpeg"),
             ("-o", "--out"),
             ("-T", "--title"),
+            ("-P", "--probes"),
+            ("-J", "--jpeg-flavor"),
         ],
         &["--no-purify"],
     )?;
@@ -603,8 +636,40 @@ fn eval(args: &[String]) -> Result<()> {
             ))
         }
     };
+    // Probe models: KIND:WEIGHTS,... (evaluation only), named by their weight files' stems.
+    let probes = a
+        .opt("--probes")
+        .unwrap_or("")
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (kind, weights) = p.split_once(':').ok_or_else(|| {
+                Error::InvalidArgument(format!("--probes {p:?}: use KIND:WEIGHTS"))
+            })?;
+            let path = Path::new(weights);
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| weights.to_string());
+            Ok((name, psic::train::load_target(kind, path, &Device::Cpu)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let probe_refs: Vec<psic::eval::Probe> = probes
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_ref()))
+        .collect();
+    let jpeg_flavor = match a.opt("--jpeg-flavor").unwrap_or("libjpeg420") {
+        "libjpeg420" => psic::baseline::JpegFlavor::Libjpeg420,
+        "image444" => psic::baseline::JpegFlavor::Image444,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--jpeg-flavor {other:?}: use libjpeg420 (the field's baseline) or image444"
+            )))
+        }
+    };
     let mut cfg = EvalConfig {
         purify: !a.switch("--no-purify"),
+        jpeg_flavor,
         ..Default::default()
     };
     if let Some(q) = a.opt("--jpeg") {
@@ -618,9 +683,14 @@ fn eval(args: &[String]) -> Result<()> {
     }
     let images = load_images(data, part, limit)?;
     let t = Instant::now();
-    let report = evaluate(&codec, &images, target.as_deref(), &cfg, |done, total| {
-        progress("eval", done, total, t)
-    })?;
+    let report = psic::eval::evaluate_with_probes(
+        &codec,
+        &images,
+        target.as_deref(),
+        &probe_refs,
+        &cfg,
+        |done, total| progress("eval", done, total, t),
+    )?;
     eprintln!();
     let command = std::iter::once("cargo run --release --example psic -- eval".to_string())
         .chain(args.iter().map(|s| {
@@ -650,6 +720,14 @@ fn eval(args: &[String]) -> Result<()> {
     );
     for (v, acc) in &s.top1 {
         println!("top-1 {v}: {:.1}%", 100.0 * acc);
+    }
+    for (probe, accs) in &s.probe_top1 {
+        for (v, acc) in accs {
+            println!("{probe} top-1 {v}: {:.1}%", 100.0 * acc);
+        }
+    }
+    if let (Some(f), Some(sh)) = (s.periodic_full, s.periodic_shielded) {
+        println!("periodic share: full {f:.3}, shielded {sh:.3}");
     }
     Ok(())
 }
@@ -794,6 +872,7 @@ fn main() -> ExitCode {
         Some("train") => train(&args[1..]),
         Some("shield") => shield(&args[1..]),
         Some("eval") => eval(&args[1..]),
+        Some("tradeoff") => tradeoff(&args[1..]),
         Some("export") => export(&args[1..]),
         Some("psnr") => psnr(&args[1..]),
         Some("-h" | "--help" | "help") => {

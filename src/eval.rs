@@ -41,6 +41,8 @@ pub struct EvalConfig {
     pub purify: bool,
     /// Keep the decoded images of the first this many images (for the grid).
     pub keep_images: usize,
+    /// The JPEG baseline's encoder.
+    pub jpeg_flavor: crate::baseline::JpegFlavor,
 }
 
 impl Default for EvalConfig {
@@ -49,6 +51,7 @@ impl Default for EvalConfig {
             jpeg_qualities: vec![2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90],
             purify: true,
             keep_images: 4,
+            jpeg_flavor: crate::baseline::JpegFlavor::default(),
         }
     }
 }
@@ -83,6 +86,16 @@ pub struct ImageResult {
     pub top5: std::collections::BTreeMap<String, Vec<usize>>,
     /// JPEG baseline: `(quality, bpp, psnr)`.
     pub jpeg: Vec<(u8, f64, f64)>,
+    /// Periodic-artefact share of the full decode's luma error
+    /// ([`crate::metrics::periodic_share`], period [`crate::metrics::SYNTHESIS_PERIOD`]).
+    pub periodic_full: Option<f64>,
+    /// The same for the shielded decode.
+    pub periodic_shielded: Option<f64>,
+    /// Probe models (evaluation only): per probe, top-5 per version, as in `top5`.
+    pub probes: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<usize>>>,
+    /// Per probe, its label for this image: the class label, or the probe's top-1 on the
+    /// original for unlabelled data.
+    pub probe_labels: std::collections::BTreeMap<String, usize>,
 }
 
 /// Aggregates over the set.
@@ -122,6 +135,14 @@ pub struct Summary {
     pub encode_s: f64,
     /// See `encode_s`.
     pub decode_s: f64,
+    /// The JPEG baseline's encoder (see [`crate::baseline::JpegFlavor`]).
+    pub jpeg_flavor: String,
+    /// Mean periodic-artefact share of the full decodes.
+    pub periodic_full: Option<f64>,
+    /// Mean periodic-artefact share of the shielded decodes.
+    pub periodic_shielded: Option<f64>,
+    /// Per probe model, top-1 per version (labels, or the probe's reading of the originals).
+    pub probe_top1: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
 }
 
 /// A finished evaluation.
@@ -137,32 +158,67 @@ pub struct Report {
 }
 
 /// The versions of an image the target is asked about, in report order.
-pub const VERSIONS: [&str; 6] = [
+pub const VERSIONS: [&str; 11] = [
     "original",
     "full",
     "shielded",
     "shielded+jpeg75",
+    "shielded+jpeg50",
     "shielded+blur1",
+    "shielded+blur1.5",
     "shielded+resize2x",
+    "shielded+resize1.33x",
+    "shielded+noise3+jpeg90",
+    "shielded+noise5+jpeg90",
 ];
 
-/// The purified versions of a shielded decode an attacker might try.
+/// What a curious person does to a published image, at two strengths each: JPEG re-encoding
+/// (libjpeg-equivalent 4:2:0, [`jpeg_roundtrip`]) at quality 75 and 50; Gaussian blur of
+/// σ 1 and 1.5 pixels (`image::imageops::blur`); down-and-up resizing (triangle filter) by 1/2
+/// and 3/4; Gaussian noise of σ 3/255 and 5/255 (seeded, so reports repeat) followed by JPEG
+/// quality 90. Returns `(version name, purified image)` in [`VERSIONS`] order.
 pub fn purifications(img: &RgbImage) -> Result<Vec<(&'static str, RgbImage)>> {
+    Ok(vec![
+        ("shielded+jpeg75", jpeg_roundtrip(img, 75)?.decoded),
+        ("shielded+jpeg50", jpeg_roundtrip(img, 50)?.decoded),
+        ("shielded+blur1", image::imageops::blur(img, 1.0)),
+        ("shielded+blur1.5", image::imageops::blur(img, 1.5)),
+        ("shielded+resize2x", down_up(img, 0.5)),
+        ("shielded+resize1.33x", down_up(img, 0.75)),
+        (
+            "shielded+noise3+jpeg90",
+            jpeg_roundtrip(&with_noise(img, 3.0, 3), 90)?.decoded,
+        ),
+        (
+            "shielded+noise5+jpeg90",
+            jpeg_roundtrip(&with_noise(img, 5.0, 5), 90)?.decoded,
+        ),
+    ])
+}
+
+/// Resizes by `scale` and back (triangle filter both ways).
+fn down_up(img: &RgbImage, scale: f64) -> RgbImage {
     let (w, h) = img.dimensions();
-    let jpeg = jpeg_roundtrip(img, 75)?.decoded;
-    let blur = image::imageops::blur(img, 1.0);
     let small = image::imageops::resize(
         img,
-        (w / 2).max(1),
-        (h / 2).max(1),
+        ((w as f64 * scale).round() as u32).max(1),
+        ((h as f64 * scale).round() as u32).max(1),
         image::imageops::FilterType::Triangle,
     );
-    let resized = image::imageops::resize(&small, w, h, image::imageops::FilterType::Triangle);
-    Ok(vec![
-        ("shielded+jpeg75", jpeg),
-        ("shielded+blur1", blur),
-        ("shielded+resize2x", resized),
-    ])
+    image::imageops::resize(&small, w, h, image::imageops::FilterType::Triangle)
+}
+
+/// Gaussian noise of standard deviation `sigma` (in 0–255 steps) from a seeded generator,
+/// rounded and clamped.
+fn with_noise(img: &RgbImage, sigma: f64, seed: u64) -> RgbImage {
+    let mut rng = crate::init::SplitMix64::new(seed);
+    let mut out = img.clone();
+    for v in out.iter_mut() {
+        *v = (*v as f64 + sigma * rng.next_normal())
+            .round()
+            .clamp(0.0, 255.0) as u8;
+    }
+    out
 }
 
 /// What the target is asked: its classes, or (retrieval mode) the set's captions.
@@ -220,6 +276,23 @@ pub fn evaluate(
     images: &[EvalImage],
     target: Option<&dyn SemanticTarget>,
     cfg: &EvalConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    evaluate_with_probes(codec, images, target, &[], cfg, progress)
+}
+
+/// A model asked about every version of every image beside the target, for evaluation only
+/// (e.g. a classifier the shield was never trained against, to measure transfer).
+pub type Probe<'a> = (&'a str, &'a dyn SemanticTarget);
+
+/// [`evaluate`] with probe models: each probe classifies the same versions as the target
+/// (classes only; no retrieval mode), reported per probe.
+pub fn evaluate_with_probes(
+    codec: &Codec,
+    images: &[EvalImage],
+    target: Option<&dyn SemanticTarget>,
+    probes: &[Probe],
+    cfg: &EvalConfig,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Report> {
     let conditions = codec.conditions();
@@ -267,19 +340,27 @@ pub fn evaluate(
             label: item.label,
             ..Default::default()
         };
-        if let Some(target) = target {
-            let mut versions: Vec<(String, RgbImage)> = vec![
-                ("original".into(), img.clone()),
-                ("full".into(), full.clone()),
-            ];
-            if let Some(s) = &shielded {
-                versions.push(("shielded".into(), s.clone()));
-                if cfg.purify {
-                    for (name, p) in purifications(s)? {
-                        versions.push((name.into(), p));
-                    }
-                }
+        let period = crate::metrics::SYNTHESIS_PERIOD;
+        r.periodic_full = crate::metrics::periodic_share(img, &full, period).ok();
+        r.periodic_shielded = shielded
+            .as_ref()
+            .and_then(|s| crate::metrics::periodic_share(img, s, period).ok());
+        let versions = if target.is_some() || !probes.is_empty() {
+            versions_of(img, &full, shielded.as_ref(), cfg.purify)?
+        } else {
+            Vec::new()
+        };
+        for (probe, model) in probes {
+            let mut tops = std::collections::BTreeMap::new();
+            for (name, v) in &versions {
+                let x = crate::image_io::image_to_tensor(v, model.device())?;
+                tops.insert(name.clone(), model.classify(&x, 5)?.remove(0));
             }
+            let label = item.label.unwrap_or(tops["original"][0]);
+            r.probe_labels.insert(probe.to_string(), label);
+            r.probes.insert(probe.to_string(), tops);
+        }
+        if let Some(target) = target {
             for (name, v) in versions {
                 let (top5, row) = read(target, &reading, &v)?;
                 if let Some(row) = row {
@@ -293,7 +374,7 @@ pub fn evaluate(
             };
         }
         for &q in &cfg.jpeg_qualities {
-            let j = jpeg_roundtrip(img, q)?;
+            let j = cfg.jpeg_flavor.roundtrip(img, q)?;
             r.jpeg.push((q, j.bpp, psnr(img, &j.decoded)?));
         }
         if i < cfg.keep_images {
@@ -304,6 +385,7 @@ pub fn evaluate(
     }
     let labelled = images.iter().all(|i| i.label.is_some()) || !rows.is_empty();
     report.summary = summarize(&report.images, labelled);
+    report.summary.jpeg_flavor = cfg.jpeg_flavor.name().to_string();
     for (version, scores) in rows {
         report
             .summary
@@ -311,6 +393,29 @@ pub fn evaluate(
             .insert(version, text_to_image_recall(&scores));
     }
     Ok(report)
+}
+
+/// The versions the models are asked about: original, full, shielded and, with `purify`, the
+/// purified shielded decodes.
+fn versions_of(
+    img: &RgbImage,
+    full: &RgbImage,
+    shielded: Option<&RgbImage>,
+    purify: bool,
+) -> Result<Vec<(String, RgbImage)>> {
+    let mut versions: Vec<(String, RgbImage)> = vec![
+        ("original".into(), img.clone()),
+        ("full".into(), full.clone()),
+    ];
+    if let Some(s) = shielded {
+        versions.push(("shielded".into(), s.clone()));
+        if purify {
+            for (name, p) in purifications(s)? {
+                versions.push((name.into(), p));
+            }
+        }
+    }
+    Ok(versions)
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
@@ -379,7 +484,38 @@ pub fn summarize(images: &[ImageResult], labelled: bool) -> Summary {
     }
     let curve: Vec<(f64, f64)> = s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect();
     s.jpeg_psnr_at_codec_bpp = interpolate_psnr_at(&curve, s.bpp);
+    s.periodic_full = mean(images.iter().filter_map(|r| r.periodic_full));
+    s.periodic_shielded = mean(images.iter().filter_map(|r| r.periodic_shielded));
+    s.probe_top1 = probe_accuracies(images);
     s
+}
+
+/// Top-1 per probe and version, against each probe's label of each image.
+fn probe_accuracies(
+    images: &[ImageResult],
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>> {
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>> =
+        Default::default();
+    let mut counts: std::collections::BTreeMap<(String, String), (usize, usize)> =
+        Default::default();
+    for r in images {
+        for (probe, tops) in &r.probes {
+            let Some(&label) = r.probe_labels.get(probe) else {
+                continue;
+            };
+            for (version, top) in tops {
+                let c = counts.entry((probe.clone(), version.clone())).or_default();
+                c.0 += usize::from(top.first() == Some(&label));
+                c.1 += 1;
+            }
+        }
+    }
+    for ((probe, version), (hits, n)) in counts {
+        out.entry(probe)
+            .or_default()
+            .insert(version, hits as f64 / n.max(1) as f64);
+    }
+    out
 }
 
 /// Loads the images of a folder for evaluation (`part` of the name-hash split, or every image
@@ -478,8 +614,9 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
     }
     if !s.jpeg.is_empty() {
         md += &format!(
-            "\nJPEG (the `image` crate's encoder) at the codec's bpp, interpolated on the mean \
+            "\n{} at the codec's bpp, interpolated on the mean \
              curve: {} dB, so the full decode is {} dB {}.\n\n| JPEG quality | bpp | PSNR (dB) |\n| --- | --- | --- |\n",
+            s.jpeg_flavor,
             opt(s.jpeg_psnr_at_codec_bpp, 2),
             opt(s.jpeg_psnr_at_codec_bpp.map(|j| (s.psnr_full - j).abs()), 2),
             match s.jpeg_psnr_at_codec_bpp {
@@ -491,6 +628,16 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
         for (q, b, p) in &s.jpeg {
             md += &format!("| {q} | {b:.4} | {p:.2} |\n");
         }
+    }
+    if s.periodic_full.is_some() || s.periodic_shielded.is_some() {
+        md += &format!(
+            "\nPeriodic-artefact share of the luma error (energy on the harmonics of the \
+             {}-pixel synthesis period over the total; noise-like errors give about 16/H + 16/W): \
+             full decode {}, shielded decode {}.\n",
+            crate::metrics::SYNTHESIS_PERIOD,
+            opt(s.periodic_full, 3),
+            opt(s.periodic_shielded, 3)
+        );
     }
     if !s.top1.is_empty() {
         md += &format!(
@@ -521,6 +668,7 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
                 md += &format!("| {v} | {:.1}% | {:.1}% |\n", 100.0 * r1, 100.0 * r5);
             }
         }
+        md += &probe_table(s);
         if let Some(r) = s.attack_success_rate {
             md += &format!(
                 "\nAttack success rate (of the images right on the full decode, the share wrong on \
@@ -528,6 +676,42 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
                 100.0 * r
             );
         }
+    }
+    md
+}
+
+/// Top-1 of every probe model per version, as Markdown (empty without probes).
+fn probe_table(s: &Summary) -> String {
+    if s.probe_top1.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&String> = s.probe_top1.keys().collect();
+    let mut md = format!(
+        "\nProbe models (never used in training; top-1 {}):\n\n| version | {} |\n| --- |{}\n",
+        if s.labelled {
+            "against the labels"
+        } else {
+            "agreement with each probe's reading of the originals"
+        },
+        names
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        " --- |".repeat(names.len())
+    );
+    for v in VERSIONS {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match s.probe_top1[*n].get(v) {
+                Some(a) => format!("{:.1}%", 100.0 * a),
+                None => "–".into(),
+            })
+            .collect();
+        if cells.iter().all(|c| c == "–") {
+            continue;
+        }
+        md += &format!("| {v} | {} |\n", cells.join(" | "));
     }
     md
 }
@@ -570,7 +754,7 @@ pub fn write_report(
     }
     if !s.jpeg.is_empty() {
         series.push(Series::new(
-            "JPEG (image crate, 4:4:4)",
+            s.jpeg_flavor.clone(),
             s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect(),
             PALETTE[2],
         ));
@@ -588,13 +772,16 @@ pub fn write_report(
             .filter_map(|v| {
                 let t1 = *s.top1.get(*v)?;
                 let t5 = s.top5.get(*v).copied().unwrap_or(0.0);
-                Some((
-                    v.replace("shielded+", "+"),
-                    vec![
-                        ("top-1".to_string(), 100.0 * t1),
-                        ("top-5".to_string(), 100.0 * t5),
-                    ],
-                ))
+                let mut bars = vec![
+                    ("target top-1".to_string(), 100.0 * t1),
+                    ("target top-5".to_string(), 100.0 * t5),
+                ];
+                for (probe, acc) in &s.probe_top1 {
+                    if let Some(a) = acc.get(*v) {
+                        bars.push((format!("{probe} top-1"), 100.0 * a));
+                    }
+                }
+                Some((v.replace("shielded+", "+"), bars))
             })
             .collect();
         BarChart {
@@ -602,9 +789,93 @@ pub fn write_report(
             y_label: "%".into(),
             groups,
         }
-        .save_png(dir.join("accuracy.png"), 1000, 500)?;
+        .save_png(dir.join("accuracy.png"), 1400, 560)?;
     }
     Ok(())
+}
+
+/// One run's point on the shield trade-off chart, read from its `report.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TradeoffPoint {
+    /// The run's name (legend).
+    pub name: String,
+    /// The target's top-1 on the shielded decodes, %.
+    pub shielded_top1: f64,
+    /// Each probe's top-1 on the shielded decodes, %.
+    pub probe_top1: Vec<(String, f64)>,
+    /// Mean PSNR of the shielded decodes, dB.
+    pub shielded_psnr: f64,
+}
+
+/// The trade-off point of a report written by [`write_report`] (its JSON text).
+pub fn tradeoff_point(name: &str, report_json: &str) -> Result<TradeoffPoint> {
+    let bad = |what: &str| crate::Error::InvalidArgument(format!("{name}: report has no {what}"));
+    let v: serde_json::Value = serde_json::from_str(report_json)
+        .map_err(|e| crate::Error::InvalidArgument(format!("{name}: {e}")))?;
+    let s = &v["summary"];
+    let shielded_top1 = s["top1"]["shielded"]
+        .as_f64()
+        .ok_or_else(|| bad("target top-1 on shielded decodes"))?;
+    let shielded_psnr = s["psnr_shielded"]
+        .as_f64()
+        .ok_or_else(|| bad("shielded PSNR"))?;
+    let probe_top1 = s["probe_top1"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(p, acc)| Some((p.clone(), 100.0 * acc["shielded"].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(TradeoffPoint {
+        name: name.to_string(),
+        shielded_top1: 100.0 * shielded_top1,
+        probe_top1,
+        shielded_psnr,
+    })
+}
+
+/// The shield trade-off chart across runs: x the top-1 on the shielded decodes (%; the target
+/// as dots joined across runs in the order given, each probe as its own series), y the
+/// shielded PSNR (dB).
+pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Result<()> {
+    use crate::plot::{LineChart, Series, PALETTE};
+    let mut series: Vec<Series> = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Series::new(
+                format!("{} (target)", p.name),
+                vec![(p.shielded_top1, p.shielded_psnr)],
+                PALETTE[i % PALETTE.len()],
+            )
+        })
+        .collect();
+    let probes: std::collections::BTreeSet<&String> = points
+        .iter()
+        .flat_map(|p| p.probe_top1.iter().map(|(n, _)| n))
+        .collect();
+    for (k, probe) in probes.into_iter().enumerate() {
+        let pts = points
+            .iter()
+            .filter_map(|p| {
+                let (_, a) = p.probe_top1.iter().find(|(n, _)| n == probe)?;
+                Some((*a, p.shielded_psnr))
+            })
+            .collect();
+        series.push(Series::new(
+            format!("{probe} (probe), runs in order"),
+            pts,
+            PALETTE[(points.len() + k) % PALETTE.len()],
+        ));
+    }
+    LineChart {
+        title: "shield trade-off: strength against image quality".into(),
+        x_label: "top-1 on shielded decodes (%), lower is stronger".into(),
+        y_label: "shielded PSNR (dB)".into(),
+        series,
+    }
+    .save_png(path, 900, 560)
 }
 
 #[cfg(test)]
@@ -627,6 +898,23 @@ mod tests {
             jpeg: vec![(10, 0.2, 25.0), (50, 1.0, 33.0)],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tradeoff_points_are_read_from_reports() {
+        let json = r#"{"summary": {"top1": {"shielded": 0.05}, "psnr_shielded": 26.5,
+            "probe_top1": {"lite1": {"shielded": 0.12, "full": 0.8}}}}"#;
+        let p = tradeoff_point("run", json).unwrap();
+        assert!((p.shielded_top1 - 5.0).abs() < 1e-9);
+        assert_eq!(p.probe_top1.len(), 1);
+        assert!((p.probe_top1[0].1 - 12.0).abs() < 1e-9);
+        assert!(tradeoff_point("bad", r#"{"summary": {}}"#).is_err());
+        let dir = std::env::temp_dir().join(format!("psic-tradeoff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("t.png");
+        tradeoff_chart(&[p.clone(), TradeoffPoint { name: "b".into(), ..p }], &png).unwrap();
+        assert!(image::open(&png).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -549,6 +549,12 @@ impl EfficientNetLite {
 
     /// The feature map `[B, D, R/32, R/32]` after the head (before pooling).
     pub fn features(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(self.features_and_taps(input, false)?.0)
+    }
+
+    /// The head's feature map and, when `taps` is set, the output of each stage that ends at
+    /// strides 4, 8 and 16 (the block before each later stride-2 block), shallow to deep.
+    pub fn features_and_taps(&self, input: &Tensor, taps: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let (_, c, h, w) = input.dims4()?;
         if c != 3 {
             return Err(Error::InvalidArgument(format!(
@@ -564,10 +570,16 @@ impl EfficientNetLite {
             .conv2d(&self.stem.0, 0, 2, 1, 1)?
             .broadcast_add(&self.stem.1)?;
         let mut x = relu6(&x)?;
-        for b in &self.blocks {
+        let mut maps = Vec::new();
+        let mut stride = 2;
+        for (b, &s) in self.blocks.iter().zip(&self.cfg.block_strides) {
+            if taps && s == 2 && stride >= 4 {
+                maps.push(x.clone());
+            }
+            stride *= s;
             x = b.forward(&x)?;
         }
-        relu6(&self.head.forward(&x)?)
+        Ok((relu6(&self.head.forward(&x)?)?, maps))
     }
 }
 
@@ -589,6 +601,13 @@ impl SemanticTarget for EfficientNetLite {
 
     fn embed_images(&self, input: &Tensor) -> Result<Tensor> {
         Ok(self.features(input)?.mean((2, 3))?)
+    }
+
+    /// Taps: the outputs of the stages ending at strides 4, 8 and 16
+    /// ([`features_and_taps`](Self::features_and_taps)).
+    fn embed_with_features(&self, input: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (f, maps) = self.features_and_taps(input, true)?;
+        Ok((f.mean((2, 3))?, maps))
     }
 
     fn class_embeddings(&self) -> Result<Tensor> {

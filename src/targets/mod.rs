@@ -97,6 +97,15 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
         Ok((cosine_matrix(embeddings, captions)? * self.logit_scale() as f64)?)
     }
 
+    /// Image embeddings `[B, D]` of preprocessed input together with some of the model's
+    /// intermediate feature maps (`[B, C_i, H_i, W_i]`, shallow to deep), from one forward pass.
+    /// Shields trained on intermediate features as well as the final embedding carry over
+    /// better to models they were not trained against, whose last layers differ but whose
+    /// early and middle features look alike. The default gives no intermediate maps.
+    fn embed_with_features(&self, input: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        Ok((self.embed_images(input)?, Vec::new()))
+    }
+
     /// Class scores `[B, K]` of preprocessed input.
     fn logits(&self, input: &Tensor) -> Result<Tensor> {
         self.logits_from_embeddings(&self.embed_images(input)?)

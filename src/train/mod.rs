@@ -11,6 +11,7 @@
 mod adam;
 pub mod augment;
 pub mod msssim;
+pub mod purify;
 mod trainer;
 pub mod uaeo;
 mod weighting;

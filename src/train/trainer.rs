@@ -44,6 +44,10 @@ pub struct TrainConfig {
     pub init: Option<PathBuf>,
     /// Image folder; its evaluation part (see [`crate::data`]) is never used for training.
     pub data: PathBuf,
+    /// More image folders to train on (their training parts, by the same split rule); images
+    /// smaller than the crop are skipped. Validation uses `data` only.
+    #[serde(default)]
+    pub extra_data: Vec<PathBuf>,
     /// Percentage of the folder held out for evaluation.
     #[serde(default = "default_eval_percent")]
     pub eval_percent: u32,
@@ -135,6 +139,18 @@ pub struct ShieldConfig {
     /// resizing and smoothing a target's preprocessing (or an attacker) applies.
     #[serde(default)]
     pub augment: Option<AugmentConfig>,
+    /// Weight of the periodic-artefact penalty (0, the default, leaves it out):
+    /// `255²·P₁₆(x_shielded − x_full)`, the mean energy of the shield's change to the image on
+    /// the harmonics of the 16-pixel synthesis period ([`super::purify::periodic_energy`]), so
+    /// the shield cannot hide in a regular grid that people see.
+    #[serde(default)]
+    pub lambda_periodic: f64,
+    /// Weight of the intermediate-feature term (0, the default, leaves it out): the mean cosine
+    /// similarity between the target's intermediate feature maps of the shielded decode and of
+    /// the original ([`crate::targets::SemanticTarget::embed_with_features`]), pushed down so
+    /// the shield disturbs the features that other models share, not only the target's head.
+    #[serde(default)]
+    pub lambda_feature: f64,
 }
 
 /// Random down-scaling of the shielded decodes the target sees during training (the target's
@@ -156,6 +172,27 @@ pub struct AugmentConfig {
     /// `[0.5, max_blur_sigma]`.
     #[serde(default = "default_max_blur_sigma")]
     pub max_blur_sigma: f64,
+    /// Chance that a batch's shielded decodes get Gaussian noise first (0, the default: never).
+    #[serde(default)]
+    pub noise_probability: f64,
+    /// Largest noise standard deviation, in 1/255 steps; drawn uniformly from `[0, max]`.
+    #[serde(default = "default_max_noise")]
+    pub max_noise: f64,
+    /// Chance that a batch's shielded decodes go through the differentiable JPEG stand-in
+    /// ([`super::purify::jpeg`]) after any noise (0, the default: never).
+    #[serde(default)]
+    pub jpeg_probability: f64,
+    /// Lowest JPEG quality; each JPEG'd batch draws it uniformly from `[min_jpeg_quality, 95]`.
+    #[serde(default = "default_min_jpeg_quality")]
+    pub min_jpeg_quality: u8,
+}
+
+fn default_max_noise() -> f64 {
+    5.0
+}
+
+fn default_min_jpeg_quality() -> u8 {
+    50
 }
 
 fn default_max_blur_sigma() -> f64 {
@@ -231,6 +268,8 @@ impl TrainConfig {
                 ("lambda_keep", s.lambda_keep),
                 ("clean_weight", s.clean_weight),
                 ("noisy_weight", s.noisy_weight),
+                ("lambda_periodic", s.lambda_periodic),
+                ("lambda_feature", s.lambda_feature),
             ]);
         }
         for (name, v) in [("lr", self.lr), ("clip", self.clip)] {
@@ -245,6 +284,8 @@ impl TrainConfig {
             for (name, v) in [
                 ("probability", a.probability),
                 ("blur_probability", a.blur_probability),
+                ("noise_probability", a.noise_probability),
+                ("jpeg_probability", a.jpeg_probability),
             ] {
                 if !(0.0..=1.0).contains(&v) {
                     return bad(format!("[shield.augment] {name} must be in 0..=1, got {v}"));
@@ -254,6 +295,24 @@ impl TrainConfig {
                 return bad(format!(
                     "[shield.augment] min_scale must be in (0, 1], got {}",
                     a.min_scale
+                ));
+            }
+            if !(a.max_noise.is_finite() && (0.0..=64.0).contains(&a.max_noise)) {
+                return bad(format!(
+                    "[shield.augment] max_noise must be in 0..=64 (1/255 steps), got {}",
+                    a.max_noise
+                ));
+            }
+            if !(1..=95).contains(&a.min_jpeg_quality) {
+                return bad(format!(
+                    "[shield.augment] min_jpeg_quality must be in 1..=95, got {}",
+                    a.min_jpeg_quality
+                ));
+            }
+            if a.jpeg_probability > 0.0 && self.crop % 16 != 0 {
+                return bad(format!(
+                    "[shield.augment] the JPEG stand-in needs a crop that is a multiple of 16, got {}",
+                    self.crop
                 ));
             }
             if !(a.max_blur_sigma.is_finite() && a.max_blur_sigma >= 0.5) {
@@ -299,6 +358,13 @@ pub struct StepStats {
     /// Semantic-fidelity term of the full decode (when `lambda_keep > 0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<f32>,
+    /// Periodic-artefact penalty, `255²·P₁₆(x_shielded − x_full)` (when `lambda_periodic > 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub periodic: Option<f32>,
+    /// Mean cosine similarity of the target's intermediate features, shielded against original
+    /// (when `lambda_feature > 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature: Option<f32>,
     /// Samples in the clean part of the split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clean_count: Option<usize>,
@@ -513,19 +579,7 @@ impl Trainer {
             _ => None,
         };
         let folder = crate::data::ImageFolder::open(&cfg.data)?;
-        let files = folder.part(crate::data::Split::Train, cfg.eval_percent);
-        if files.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: no training images left after holding out {}%",
-                cfg.data.display(),
-                cfg.eval_percent
-            )));
-        }
-        let labels = files.iter().map(|f| folder.label(f)).collect();
-        let captions = files.iter().map(|f| folder.caption(f)).collect();
-        let sampler = crate::data::CropSampler::new(&files, cfg.crop, cfg.seed ^ 0x5eed)?
-            .with_labels(labels)?
-            .with_captions(captions)?;
+        let sampler = training_sampler(&cfg, &folder)?;
         let validation = if cfg.validate_every > 0 {
             let eval: Vec<PathBuf> = folder
                 .part(crate::data::Split::Eval, cfg.eval_percent)
@@ -659,7 +713,13 @@ impl Trainer {
         };
 
         let target = self.target.as_ref().expect("stages 1-2 have a target");
-        let e_orig = target.embed_images(&target.preprocess(&x)?)?.detach();
+        let use_features = shield.lambda_feature > 0.0;
+        let (e_orig, f_orig) = if use_features {
+            target.embed_with_features(&target.preprocess(&x)?)?
+        } else {
+            (target.embed_images(&target.preprocess(&x)?)?, Vec::new())
+        };
+        let e_orig = e_orig.detach();
         // Captioned data and a target that reads text (CLIP): the batch's own captions, as the
         // reference does. Otherwise the target's classes.
         let batch_captions: Option<Vec<String>> = captions.into_iter().collect();
@@ -678,33 +738,25 @@ impl Trainer {
         let scores_orig = (cosine_matrix(&e_orig, &texts)? * shield.uaeo.score_scale)?;
         let own: Vec<usize> = if caption_mode {
             (0..b).collect()
+        } else if labels.iter().all(Option::is_some) {
+            labels.iter().flatten().copied().collect()
         } else {
-            match labels.iter().copied().collect::<Option<Vec<_>>>() {
-                Some(l) => l,
-                // Unlabelled data: the target's own reading of the original is the "caption".
-                None => crate::targets::top_k(&target.logits_from_embeddings(&e_orig)?, 1)?
-                    .into_iter()
-                    .map(|v| v[0])
-                    .collect(),
-            }
+            // Unlabelled images: the target's own reading of the original is the "caption".
+            let read = crate::targets::top_k(&target.logits_from_embeddings(&e_orig)?, 1)?;
+            labels
+                .iter()
+                .zip(read)
+                .map(|(l, r)| l.unwrap_or(r[0]))
+                .collect()
         };
-        let seen = match shield.augment {
-            Some(a) if self.noise.next_f64() < a.probability => {
-                let scale = a.min_scale + (1.0 - a.min_scale) * self.noise.next_f64();
-                let (_, _, h, w) = x_sh.dims4()?;
-                let short = ((h.min(w) as f64 * scale).round() as usize).max(8);
-                crate::targets::preprocess::resize_shorter_side(&x_sh, short)?
-            }
-            _ => x_sh.clone(),
+        let seen = purify(&mut self.noise, &x_sh, shield.augment)?;
+        let (e_sh, f_sh) = if use_features {
+            // The target's preprocessing brings every purified decode back to its input size, so
+            // the maps line up with the original's.
+            target.embed_with_features(&target.preprocess(&seen)?)?
+        } else {
+            (target.embed_images(&target.preprocess(&seen)?)?, Vec::new())
         };
-        let seen = match shield.augment {
-            Some(a) if a.blur_probability > 0.0 && self.noise.next_f64() < a.blur_probability => {
-                let sigma = 0.5 + (a.max_blur_sigma - 0.5) * self.noise.next_f64();
-                super::augment::gaussian_blur(&seen, sigma)?
-            }
-            _ => seen,
-        };
-        let e_sh = target.embed_images(&target.preprocess(&seen)?)?;
         let logits_sh = if caption_mode {
             target.caption_logits(&e_sh, &texts)?
         } else {
@@ -740,6 +792,21 @@ impl Trainer {
             }
         };
         let mut loss = (distortion + (shield_loss * shield.lambda_shield)?)?;
+        let periodic = if shield.lambda_periodic > 0.0 {
+            let change = (&x_sh - x_full.detach())?;
+            let p = (super::purify::periodic_energy(&change, 16)? * (255.0 * 255.0))?;
+            loss = (loss + (&p * shield.lambda_periodic)?)?;
+            Some(p)
+        } else {
+            None
+        };
+        let feature = if use_features && !f_orig.is_empty() {
+            let f = feature_similarity(&f_sh, &f_orig)?;
+            loss = (loss + (&f * shield.lambda_feature)?)?;
+            Some(f)
+        } else {
+            None
+        };
         let keep = if shield.lambda_keep > 0.0 {
             let e_full = target.embed_images(&target.preprocess(&x_full)?)?;
             let (logits_orig, logits_full) = if caption_mode {
@@ -789,6 +856,8 @@ impl Trainer {
             clean: scalar(&terms.clean)?,
             noisy: scalar(&terms.noisy)?,
             keep: scalar(&keep)?,
+            periodic: scalar(&periodic)?,
+            feature: scalar(&feature)?,
             clean_count: Some(terms.split.clean.len()),
             shielded_top1: Some(hits as f32 / b as f32),
             weights,
@@ -1018,6 +1087,99 @@ impl Trainer {
 
 /// Mean over the batch of `KL(softmax(reference) ‖ softmax(logits))`, in nats; the gradient
 /// flows through `logits` only when `reference` is detached.
+/// The purifications drawn for this batch, applied to the shielded decodes: noise, then
+/// the JPEG stand-in (on the decoded size), then the random down-scaling (the target's
+/// preprocessing scales back up), then blur. Draws are made in the order the older options
+/// came (scale, blur, noise, JPEG), and only for options that are on, so runs without the
+/// newer ones resume exactly.
+fn purify(rng: &mut SplitMix64, x_sh: &Tensor, augment: Option<AugmentConfig>) -> Result<Tensor> {
+    let Some(a) = augment else {
+        return Ok(x_sh.clone());
+    };
+    let scale = (rng.next_f64() < a.probability)
+        .then(|| a.min_scale + (1.0 - a.min_scale) * rng.next_f64());
+    let blur = (a.blur_probability > 0.0 && rng.next_f64() < a.blur_probability)
+        .then(|| 0.5 + (a.max_blur_sigma - 0.5) * rng.next_f64());
+    let noise = (a.noise_probability > 0.0 && rng.next_f64() < a.noise_probability)
+        .then(|| a.max_noise / 255.0 * rng.next_f64());
+    let quality = (a.jpeg_probability > 0.0 && rng.next_f64() < a.jpeg_probability).then(|| {
+        let lo = a.min_jpeg_quality as f64;
+        (lo + (95.0 - lo + 1.0) * rng.next_f64()).floor().min(95.0) as u8
+    });
+    let mut seen = x_sh.clone();
+    if let Some(sigma) = noise {
+        seen = super::purify::add_noise(&seen, sigma, &mut || rng.next_normal())?;
+    }
+    if let Some(q) = quality {
+        seen = super::purify::jpeg(&seen.clamp(0f32, 1f32)?, q)?;
+    }
+    if let Some(scale) = scale {
+        let (_, _, h, w) = seen.dims4()?;
+        let short = ((h.min(w) as f64 * scale).round() as usize).max(8);
+        seen = crate::targets::preprocess::resize_shorter_side(&seen, short)?;
+    }
+    if let Some(sigma) = blur {
+        seen = super::augment::gaussian_blur(&seen, sigma)?;
+    }
+    Ok(seen)
+}
+
+/// Mean cosine similarity, per sample and map, between feature maps of the shielded decodes
+/// and the (constant) maps of the originals.
+fn feature_similarity(shielded: &[Tensor], original: &[Tensor]) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for (s, o) in shielded.iter().zip(original) {
+        let b = s.dim(0)?;
+        let (s, o) = (s.reshape((b, ()))?, o.detach().reshape((b, ()))?);
+        let dot = (&s * &o)?.sum(1)?;
+        let norms = ((s.sqr()?.sum(1)? * o.sqr()?.sum(1)?)?.sqrt()? + 1e-8)?;
+        let cos = (dot / norms)?.mean_all()?;
+        sum = Some(match sum {
+            Some(t) => (t + cos)?,
+            None => cos,
+        });
+    }
+    let n = shielded.len().max(1) as f64;
+    match sum {
+        Some(t) => Ok((t / n)?),
+        None => Err(Error::InvalidArgument("no feature maps to compare".into())),
+    }
+}
+
+/// The crop sampler over the training parts of `data` and every `extra_data` folder (images
+/// of the extra folders smaller than the crop are skipped), with each file's label and caption.
+fn training_sampler(
+    cfg: &TrainConfig,
+    folder: &crate::data::ImageFolder,
+) -> Result<crate::data::CropSampler> {
+    let mut files = folder.part(crate::data::Split::Train, cfg.eval_percent);
+    if files.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no training images left after holding out {}%",
+            cfg.data.display(),
+            cfg.eval_percent
+        )));
+    }
+    let mut labels: Vec<Option<usize>> = files.iter().map(|f| folder.label(f)).collect();
+    let mut captions: Vec<Option<String>> = files.iter().map(|f| folder.caption(f)).collect();
+    for dir in &cfg.extra_data {
+        let extra = crate::data::ImageFolder::open(dir)?;
+        for f in extra.part(crate::data::Split::Train, cfg.eval_percent) {
+            let (w, h) = image::image_dimensions(&f)
+                .map_err(|e| Error::Image(format!("{}: {e}", f.display())))?;
+            if w < cfg.crop || h < cfg.crop {
+                continue;
+            }
+            labels.push(extra.label(&f));
+            captions.push(extra.caption(&f));
+            files.push(f);
+        }
+    }
+    crate::data::CropSampler::new(&files, cfg.crop, cfg.seed ^ 0x5eed)?
+        .with_labels(labels)?
+        .with_captions(captions)
+}
+
 fn kl_divergence(reference: &Tensor, logits: &Tensor) -> Result<Tensor> {
     let log_p = candle_nn::ops::log_softmax(reference, 1)?;
     let log_q = candle_nn::ops::log_softmax(logits, 1)?;
