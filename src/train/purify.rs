@@ -198,6 +198,7 @@ mod tests {
         assert_eq!(scaled_table(&CHROMA_Q, 10)[63], 255.0);
     }
 
+    #[cfg(feature = "eval")]
     #[test]
     fn jpeg_stand_in_is_close_to_the_real_codec_and_monotone_in_quality() {
         // psic's libjpeg-equivalent 4:2:0 baseline as the real codec.
