@@ -67,7 +67,8 @@ pub mod zoo;
 pub use backbone::LicBackbone;
 /// The tensor library psic is built on (its `Tensor`, `Device` and `DType` appear in psic's API).
 pub use candle_core;
-/// candle's neural-network crate (its `VarBuilder` loads a backbone's weights).
+/// candle's neural-network crate (its `VarBuilder` loads a backbone's weights, see
+/// [`backbone::BackboneFactory`]).
 pub use candle_nn;
 pub use codec::Codec;
 pub use error::{Error, Result};

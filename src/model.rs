@@ -22,7 +22,8 @@ use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
 use crate::backbone::{
-    LicBackbone, PsicHy2018, PsicHy2018Config, ScaleHyperprior, ScaleHyperpriorConfig, PSIC_HY2018,
+    LicBackbone, PsicHy2018, PsicHy2018Config, RegisteredArchitecture, ScaleHyperprior,
+    ScaleHyperpriorConfig, PSIC_HY2018,
 };
 use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
 use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, Conditions, TriggerGenerator};
@@ -36,24 +37,38 @@ pub const MODEL_VERSION: &str = "1";
 /// CompressAI buffers that hold integers (some converters store them as floats).
 pub(crate) const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
 
-/// The architectures psic can build, with their configurations.
+/// The architectures psic can build, with their configurations: the built-in ones and those
+/// registered with [`register_backbone`](crate::backbone::register_backbone).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Architecture {
     /// Ballé et al. 2018 scale hyperprior (`bmshj2018-hyperprior`).
     ScaleHyperprior(ScaleHyperpriorConfig),
     /// The official PSIC model (`psic-hy2018`): hyperprior with a conditional synthesis.
     PsicHy2018(PsicHy2018Config),
+    /// A backbone defined outside psic and registered with
+    /// [`register_backbone`](crate::backbone::register_backbone): its name, configuration and
+    /// factory.
+    Registered(RegisteredArchitecture),
 }
 
 impl Architecture {
-    /// All architecture names psic knows.
+    /// The architecture names built into psic (see [`known_names`](Self::known_names) for
+    /// these and the registered ones).
     pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior", PSIC_HY2018];
 
+    /// Built-in and registered architecture names.
+    pub fn known_names() -> Vec<String> {
+        let mut names: Vec<String> = Self::NAMES.iter().map(|s| s.to_string()).collect();
+        names.extend(crate::backbone::registered_backbones());
+        names
+    }
+
     /// The name written into model files.
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Architecture::ScaleHyperprior(_) => "bmshj2018-hyperprior",
             Architecture::PsicHy2018(_) => PSIC_HY2018,
+            Architecture::Registered(r) => r.name(),
         }
     }
 
@@ -62,6 +77,7 @@ impl Architecture {
         match self {
             Architecture::ScaleHyperprior(c) => serde_json::to_value(c).unwrap_or_default(),
             Architecture::PsicHy2018(c) => serde_json::to_value(c).unwrap_or_default(),
+            Architecture::Registered(r) => r.config().clone(),
         }
     }
 
@@ -75,9 +91,13 @@ impl Architecture {
             PSIC_HY2018 => Ok(Architecture::PsicHy2018(
                 serde_json::from_str(config).map_err(bad)?,
             )),
+            other if crate::backbone::factory(other).is_some() => Ok(Architecture::Registered(
+                RegisteredArchitecture::new(other, serde_json::from_str(config).map_err(bad)?)?,
+            )),
             other => Err(Error::Model(format!(
-                "unknown architecture {other:?} (known: {})",
-                Self::NAMES.join(", ")
+                "unknown architecture {other:?} (known: {}; register others with \
+                 psic::backbone::register_backbone)",
+                Self::known_names().join(", ")
             ))),
         }
     }
@@ -104,9 +124,17 @@ impl Architecture {
                 m,
             }));
         }
+        for factory in crate::backbone::factories() {
+            if let Some(config) = factory.infer_config(tensors) {
+                return Ok(Architecture::Registered(RegisteredArchitecture::new(
+                    factory.name(),
+                    config?,
+                )?));
+            }
+        }
         Err(Error::Model(format!(
             "cannot infer the architecture from the checkpoint's keys (known: {}); pass --arch",
-            Self::NAMES.join(", ")
+            Self::known_names().join(", ")
         )))
     }
 
@@ -115,6 +143,7 @@ impl Architecture {
         Ok(match self {
             Architecture::ScaleHyperprior(c) => Box::new(ScaleHyperprior::new(vb, c)?),
             Architecture::PsicHy2018(c) => Box::new(PsicHy2018::new(vb, c)?),
+            Architecture::Registered(r) => r.build(vb)?,
         })
     }
 
@@ -123,7 +152,29 @@ impl Architecture {
         match self {
             Architecture::ScaleHyperprior(c) => c.n,
             Architecture::PsicHy2018(c) => c.n,
+            Architecture::Registered(r) => r.hyper_channels(),
         }
+    }
+
+    /// Injection points of a generic (`cltg.*`) trigger generator for this architecture:
+    /// the scale hyperprior's three, a registered backbone's own (built on `device` to ask
+    /// it), none for `psic-hy2018`, whose generator is its own.
+    fn generic_injection_points(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Vec<usize>> {
+        Ok(match self {
+            Architecture::ScaleHyperprior(c) => vec![c.n; 3],
+            Architecture::PsicHy2018(_) => Vec::new(),
+            Architecture::Registered(_) => self
+                .build(VarBuilder::from_tensors(
+                    tensors.clone(),
+                    DType::F32,
+                    device,
+                ))?
+                .injection_points(),
+        })
     }
 }
 
@@ -384,15 +435,15 @@ impl ModelFile {
         let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
         match &self.architecture {
             Architecture::PsicHy2018(c) => Ok(Some(Box::new(PsicHy2018::load_cltg(vb, c)?))),
-            Architecture::ScaleHyperprior(c) => {
+            architecture => {
                 let Some(cfg) = CltgConfig::infer_generic(&self.tensors)? else {
                     return Ok(None);
                 };
-                if cfg.injection_points != vec![c.n; 3] {
+                let points = architecture.generic_injection_points(&self.tensors, device)?;
+                if cfg.injection_points != points {
                     return Err(Error::Model(format!(
                         "cltg.* weights are for injection points {:?}, the backbone has {:?}",
-                        cfg.injection_points,
-                        vec![c.n; 3]
+                        cfg.injection_points, points
                     )));
                 }
                 let full = self.conditions()?.unwrap_or_default().full;
@@ -407,14 +458,24 @@ impl ModelFile {
     /// Wraps this (plain) model with a freshly initialised, seeded CLTG for its backbone's
     /// injection points (`cltg.*` weights): the starting point of shielding training. The full
     /// decode of the result is exactly the plain model's until the backbone itself is trained.
+    ///
+    /// Works for every backbone that declares injection points (the scale hyperprior, registered
+    /// backbones); `psic-hy2018`, which has its own generator, and a backbone without injection
+    /// points are an [`Error::InvalidArgument`].
     pub fn with_new_cltg(&self, seed: u64, device: &Device) -> Result<Self> {
-        if !matches!(self.architecture, Architecture::ScaleHyperprior(_)) {
+        if matches!(self.architecture, Architecture::PsicHy2018(_)) {
             return Err(Error::InvalidArgument(format!(
                 "{} already has its own trigger generator",
                 self.architecture.name()
             )));
         }
         let points = self.build_backbone(device)?.injection_points();
+        if points.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{} declares no injection points: there is nowhere to put a trigger generator",
+                self.architecture.name()
+            )));
+        }
         let varmap = candle_nn::VarMap::new();
         let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
         Cltg::new(vb, &CltgConfig::new(points))?;

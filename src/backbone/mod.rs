@@ -11,13 +11,21 @@
 //! places between synthesis layers where a per-channel bias ("trigger") may be added — and
 //! [`LicBackbone::synthesis`] takes the triggers for them. Encoding never sees the triggers, so
 //! the bitstream is the same whatever decode is asked for.
+//!
+//! Backbones defined outside psic join through the registry ([`register_backbone`], a
+//! [`BackboneFactory`]): their model files then load, shield, train and save like psic's own.
 
 mod hyper;
 mod hyperprior;
 mod psic_hy2018;
+mod registry;
 
 pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
 pub use psic_hy2018::{PsicHy2018, PsicHy2018Config, PSIC_HY2018};
+pub(crate) use registry::{factories, factory};
+pub use registry::{
+    register_backbone, registered_backbones, BackboneFactory, RegisteredArchitecture,
+};
 
 use candle_core::{Device, Tensor};
 
@@ -103,6 +111,15 @@ pub trait LicBackbone: Send + Sync + std::fmt::Debug {
     /// Synthesis transform `g_s`: quantised latent to image (not clamped), with optional
     /// triggers at the injection points. `None` is the plain synthesis.
     fn synthesis(&self, y_hat: &Tensor, triggers: Option<&Triggers>) -> Result<Tensor>;
+
+    /// Name prefixes of the decoder-side parameters: the synthesis transform and, for a
+    /// backbone with a built-in trigger generator, that generator. Training with a frozen
+    /// analysis side (stage 2, or stage 1 with `freeze_analysis`) updates exactly the variables
+    /// whose names start with one of these (plus a wrapped backbone's generic `cltg.*`
+    /// generator); everything else stays as it is. The default is CompressAI's `g_s`.
+    fn synthesis_prefixes(&self) -> Vec<String> {
+        vec!["g_s".into()]
+    }
 
     /// The entropy model of `z`.
     fn entropy_bottleneck(&self) -> &EntropyBottleneck;

@@ -278,6 +278,11 @@ impl LicBackbone for PsicHy2018 {
         vec![self.cfg.n; 8]
     }
 
+    fn synthesis_prefixes(&self) -> Vec<String> {
+        // The conditional synthesis `g_s_cond.*` and the official generator's MLP.
+        vec!["g_s".into(), "global_cond.".into()]
+    }
+
     fn synthesis(&self, y_hat: &Tensor, triggers: Option<&Triggers>) -> Result<Tensor> {
         if let Some(t) = triggers {
             t.check(&self.injection_points(), y_hat.dims4()?.0)?;

@@ -432,9 +432,13 @@ fn is_buffer(name: &str) -> bool {
     name.ends_with("scale_table") || crate::model::INT_BUFFERS.iter().any(|b| name.ends_with(b))
 }
 
-/// Whether a variable belongs to the decoder's synthesis side (trained in stage 2).
-fn is_synthesis_side(name: &str) -> bool {
-    name.starts_with("g_s") || name.starts_with("cltg.") || name.starts_with("global_cond.")
+/// Whether a variable belongs to the decoder's synthesis side (trained in stage 2): the
+/// backbone's [`synthesis_prefixes`](LicBackbone::synthesis_prefixes) or the generic generator.
+fn is_synthesis_side(name: &str, synthesis_prefixes: &[String]) -> bool {
+    synthesis_prefixes
+        .iter()
+        .any(|p| name.starts_with(p.as_str()))
+        || name.starts_with(&format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX))
 }
 
 /// Loads a semantic target by kind.
@@ -539,7 +543,7 @@ impl Trainer {
             (Architecture::PsicHy2018(c), _) if cfg.stage > 0 => Some(Box::new(
                 crate::backbone::PsicHy2018::load_cltg(vb.clone(), c)?,
             )),
-            (Architecture::ScaleHyperprior(_), Some(t)) if cfg.stage > 0 => {
+            (_, Some(t)) if cfg.stage > 0 => {
                 let gen_cfg = CltgConfig::infer_generic(t)?.ok_or_else(|| {
                     Error::Model("the initial model has no cltg.* generator".into())
                 })?;
@@ -565,7 +569,7 @@ impl Trainer {
                 vec![],
                 named
                     .into_iter()
-                    .filter(|(k, _)| is_synthesis_side(k))
+                    .filter(|(k, _)| is_synthesis_side(k, &backbone.synthesis_prefixes()))
                     .collect(),
             )
         } else {
