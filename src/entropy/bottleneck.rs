@@ -15,6 +15,9 @@ const FILTERS: [usize; 4] = [3, 3, 3, 3];
 pub(crate) const LIKELIHOOD_BOUND: f64 = 1e-9;
 /// Tail mass left outside the coded range.
 const TAIL_MASS: f64 = 1e-9;
+/// Widest `maxima + minima` of a channel's quantiles [`EntropyBottleneck::update`] tabulates:
+/// `span + 1` values and the tail make at most `2^16` symbols, all a 16-bit CDF can hold.
+const MAX_PMF_SPAN: u32 = (1 << PRECISION) - 2;
 
 /// A learned, per-channel factorized density for the hyper-latent `z`.
 ///
@@ -268,7 +271,9 @@ impl EntropyBottleneck {
             let (lo, med, hi) = (q[3 * ch], q[3 * ch + 1], q[3 * ch + 2]);
             let minima = (med - lo).ceil().max(0.0);
             let maxima = (hi - med).ceil().max(0.0);
-            if !(minima.is_finite() && maxima.is_finite()) || minima + maxima > 1.0e6 {
+            // pmf_length symbols plus the tail: at most 2^16 symbols fit a 16-bit CDF.
+            if !(minima.is_finite() && maxima.is_finite()) || minima + maxima > MAX_PMF_SPAN as f32
+            {
                 return Err(Error::Model(format!(
                     "entropy bottleneck channel {ch} has unusable quantiles {lo}, {med}, {hi}"
                 )));

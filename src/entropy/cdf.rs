@@ -33,8 +33,9 @@ const LINEAR_SCAN_MAX: usize = 8;
 /// more symbols than `1 << precision`, or a CDF in which no frequency can be stolen to make it
 /// strictly increasing.
 ///
-/// Like the original, the stealing pass takes time quadratic in the number of zero-frequency
-/// symbols; callers that size pmfs from untrusted data should bound their length.
+/// The original's stealing pass rescans the whole CDF for every zero-frequency symbol (time
+/// quadratic in the pmf's length: minutes for a few wide tables); this one gives the same CDF in
+/// `O(n log n)` (see `steal_frequencies`).
 pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
     if !(1..=30).contains(&precision) {
         return Err(Error::InvalidArgument(format!(
@@ -79,36 +80,7 @@ pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
     let last = cdf.len() - 1;
     cdf[last] = one;
 
-    for i in 0..last {
-        if cdf[i] != cdf[i + 1] {
-            continue;
-        }
-        // Steal from the symbol with the lowest frequency above 1 (first one on ties).
-        let mut best_freq = u32::MAX;
-        let mut best_steal = None;
-        for j in 0..last {
-            let freq = cdf[j + 1].wrapping_sub(cdf[j]);
-            if freq > 1 && freq < best_freq {
-                best_freq = freq;
-                best_steal = Some(j);
-            }
-        }
-        let Some(best_steal) = best_steal else {
-            return Err(Error::InvalidArgument(
-                "pmf_to_quantized_cdf: no frequency left to steal for a zero-probability symbol"
-                    .into(),
-            ));
-        };
-        if best_steal < i {
-            for c in &mut cdf[best_steal + 1..=i] {
-                *c = c.wrapping_sub(1);
-            }
-        } else {
-            for c in &mut cdf[i + 1..=best_steal] {
-                *c = c.wrapping_add(1);
-            }
-        }
-    }
+    steal_frequencies(&mut cdf)?;
 
     if cdf[0] != 0 || cdf[last] != one || cdf.windows(2).any(|w| w[1] <= w[0]) {
         return Err(Error::InvalidArgument(
@@ -116,6 +88,48 @@ pub fn pmf_to_quantized_cdf(pmf: &[f32], precision: u32) -> Result<Vec<u32>> {
         ));
     }
     Ok(cdf)
+}
+
+/// CompressAI's stealing pass: every symbol `i` with frequency 0 (in order) takes one unit of
+/// frequency from the symbol with the lowest frequency above 1 (the first one on ties), by
+/// shifting the CDF entries between the two. Frequencies are `u32` differences of neighbouring
+/// entries, with wrapping arithmetic as in the C++ code.
+///
+/// The original rescans the CDF for every such symbol. In frequency terms a steal only adds 1 to
+/// `freq[i]` (0 becomes 1, never a donor) and takes 1 from the donor, which then is still the
+/// lowest frequency above 1 until it reaches 1; the other frequencies do not change. So the
+/// donors are the symbols with frequency above 1 in (frequency, index) order, each giving until
+/// it is down to 1: one sort and one pass, the same CDF as the quadratic original.
+fn steal_frequencies(cdf: &mut [u32]) -> Result<()> {
+    let last = cdf.len() - 1;
+    let mut freq: Vec<u32> = cdf.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    if !freq.contains(&0) {
+        return Ok(());
+    }
+    let mut donors: Vec<usize> = (0..last).filter(|&j| freq[j] > 1).collect();
+    donors.sort_unstable_by_key(|&j| (freq[j], j));
+    let mut donors = donors.into_iter();
+    let mut donor = donors.next();
+    for i in 0..last {
+        if freq[i] != 0 {
+            continue;
+        }
+        let Some(d) = donor else {
+            return Err(Error::InvalidArgument(
+                "pmf_to_quantized_cdf: no frequency left to steal for a zero-probability symbol"
+                    .into(),
+            ));
+        };
+        freq[i] = 1;
+        freq[d] -= 1;
+        if freq[d] == 1 {
+            donor = donors.next();
+        }
+    }
+    for j in 0..last {
+        cdf[j + 1] = cdf[j].wrapping_add(freq[j]);
+    }
+    Ok(())
 }
 
 /// One validated CDF with its offset and decode lookup.
@@ -447,6 +461,104 @@ mod tests {
             pmf_to_quantized_cdf(&[3.0 / 16.0; 3], 4).unwrap(),
             vec![0, 5, 10, 16]
         );
+    }
+
+    /// CompressAI's stealing pass as written (quadratic), for comparison.
+    fn steal_quadratic(cdf: &mut [u32]) -> Result<()> {
+        let last = cdf.len() - 1;
+        for i in 0..last {
+            if cdf[i] != cdf[i + 1] {
+                continue;
+            }
+            let mut best_freq = u32::MAX;
+            let mut best_steal = None;
+            for j in 0..last {
+                let freq = cdf[j + 1].wrapping_sub(cdf[j]);
+                if freq > 1 && freq < best_freq {
+                    best_freq = freq;
+                    best_steal = Some(j);
+                }
+            }
+            let Some(best_steal) = best_steal else {
+                return Err(Error::InvalidArgument("nothing to steal".into()));
+            };
+            if best_steal < i {
+                for c in &mut cdf[best_steal + 1..=i] {
+                    *c = c.wrapping_sub(1);
+                }
+            } else {
+                for c in &mut cdf[i + 1..=best_steal] {
+                    *c = c.wrapping_add(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fast_stealing_matches_compressai_quadratic_pass() {
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut stolen = 0;
+        for case in 0..3000 {
+            // Short CDFs (non-decreasing, with runs of equal entries, some wrapping) of any end
+            // value, as the rescaling can leave them.
+            let n = 2 + (next() % 40) as usize;
+            let mut cdf = vec![0u32];
+            for _ in 0..n {
+                let step = match next() % 4 {
+                    0 => 0,
+                    1 => 1,
+                    2 => (next() % 5) as u32,
+                    _ if case % 7 == 0 => next() as u32,
+                    _ => (next() % 300) as u32,
+                };
+                let prev = *cdf.last().unwrap();
+                cdf.push(prev.wrapping_add(step));
+            }
+            let (mut a, mut b) = (cdf.clone(), cdf.clone());
+            let ra = steal_frequencies(&mut a);
+            let rb = steal_quadratic(&mut b);
+            assert_eq!(ra.is_ok(), rb.is_ok(), "{cdf:?}");
+            if ra.is_ok() {
+                assert_eq!(a, b, "{cdf:?}");
+                stolen += usize::from(a != cdf);
+            }
+        }
+        assert!(stolen > 1000, "only {stolen} cases stole anything");
+        // Wide Gaussian-like tables, where CompressAI steals for thousands of symbols.
+        for width in [3_000usize, 20_000] {
+            let sigma = width as f32 / 12.0;
+            let pmf: Vec<f32> = (0..width)
+                .map(|k| {
+                    let x = (k as f32 - width as f32 / 2.0) / sigma;
+                    (-x * x / 2.0).exp()
+                })
+                .collect();
+            let total: f32 = pmf.iter().sum();
+            let pmf: Vec<f32> = pmf.iter().map(|p| p / total).collect();
+            let fast = pmf_to_quantized_cdf(&pmf, 16).unwrap();
+            // Rebuild the pre-stealing CDF and run the original pass on it.
+            let mut slow = vec![0u32];
+            for &p in &pmf {
+                slow.push((p * 65536.0).round() as u32);
+            }
+            let total = slow.iter().fold(0u32, |a, &c| a.wrapping_add(c));
+            for c in slow.iter_mut() {
+                *c = ((65536u64 * u64::from(*c)) / u64::from(total)) as u32;
+            }
+            for i in 1..slow.len() {
+                slow[i] = slow[i].wrapping_add(slow[i - 1]);
+            }
+            *slow.last_mut().unwrap() = 65536;
+            steal_quadratic(&mut slow).unwrap();
+            assert_eq!(fast, slow);
+        }
     }
 
     #[test]

@@ -14,6 +14,18 @@ pub const SCALE_BOUND: f32 = 0.11;
 /// Tail mass left outside each table's coded range.
 const TAIL_MASS: f64 = 1e-9;
 
+/// Most entries a scale table may have (CompressAI's default has 64). A longer
+/// `gaussian_conditional.scale_table` is refused with [`Error::Model`].
+pub const MAX_SCALE_TABLE_LEN: usize = 1024;
+
+/// Most coded symbols (the sum over the scale table of `2 * ceil(scale * 6.1094) + 1`) of the
+/// tables psic computes from a scale table, when a model file stores none: 2^18, almost ten
+/// times CompressAI's default table (64 scales from 0.11 to 256: 27,128 symbols). Computing a
+/// table costs two `erfc` evaluations per symbol, so this bounds the time a hostile model file
+/// can make loading take; a scale table over the budget is refused with [`Error::Model`]
+/// (models with stored tables are not limited by it).
+pub const MAX_COMPUTED_TABLE_SYMBOLS: usize = 1 << 18;
+
 /// CompressAI's default scale table: 64 scales log-spaced from 0.11 to 256.
 pub fn default_scale_table() -> Vec<f32> {
     let (lo, hi, n) = (0.11f64.ln(), 256f64.ln(), 64);
@@ -75,16 +87,21 @@ fn ndtri64(p: f64) -> f64 {
     x
 }
 
-/// CompressAI's `GaussianConditional.update()` for one scale, in f32 exactly as PyTorch computes
-/// it (erfc evaluated in f64 and rounded to f32): returns (cdf, offset). Reproduces the stored
-/// tables of both reference fixtures entry for entry.
-fn gaussian_cdf(scale: f32) -> Result<(Vec<u32>, i32)> {
+/// Half-width of the table of `scale`: its symbols are `-center ..= center` (and the escape).
+fn table_center(scale: f32) -> Result<i32> {
     let multiplier = -ndtri64(TAIL_MASS / 2.0) as f32;
     let center = (scale * multiplier).ceil();
     if !(0.0..=(1 << 20) as f32).contains(&center) {
         return Err(Error::Model(format!("scale {scale} cannot be tabulated")));
     }
-    let center = center as i32;
+    Ok(center as i32)
+}
+
+/// CompressAI's `GaussianConditional.update()` for one scale, in f32 exactly as PyTorch computes
+/// it (erfc evaluated in f64 and rounded to f32): returns (cdf, offset). Reproduces the stored
+/// tables of both reference fixtures entry for entry.
+fn gaussian_cdf(scale: f32) -> Result<(Vec<u32>, i32)> {
+    let center = table_center(scale)?;
     let phi = |v: f32| 0.5f32 * (erfc64(f64::from(-(2f32.powf(-0.5)) * v)) as f32);
     let length = 2 * center + 1;
     let mut pmf = Vec::with_capacity(length as usize + 1);
@@ -102,6 +119,26 @@ fn gaussian_cdf(scale: f32) -> Result<(Vec<u32>, i32)> {
     Ok((pmf_to_quantized_cdf(&pmf, PRECISION)?, -center))
 }
 
+/// A scale table must be non-empty, positive, finite, strictly increasing and at most
+/// [`MAX_SCALE_TABLE_LEN`] long.
+fn check_scale_table(scale_table: &[f32]) -> Result<()> {
+    if scale_table.is_empty()
+        || scale_table.iter().any(|s| !s.is_finite() || *s <= 0.0)
+        || scale_table.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::Model(
+            "gaussian_conditional.scale_table must be positive and increasing".into(),
+        ));
+    }
+    if scale_table.len() > MAX_SCALE_TABLE_LEN {
+        return Err(Error::Model(format!(
+            "gaussian_conditional.scale_table has {} scales (at most {MAX_SCALE_TABLE_LEN})",
+            scale_table.len()
+        )));
+    }
+    Ok(())
+}
+
 impl GaussianConditional {
     /// Loads the model from `scale_table` and the coding tables `_quantized_cdf`, `_offset`,
     /// `_cdf_length`; computes the tables from the scale table when the file has none.
@@ -111,14 +148,7 @@ impl GaussianConditional {
         } else {
             default_scale_table()
         };
-        if scale_table.is_empty()
-            || scale_table.iter().any(|s| !s.is_finite() || *s <= 0.0)
-            || scale_table.windows(2).any(|w| w[0] >= w[1])
-        {
-            return Err(Error::Model(
-                "gaussian_conditional.scale_table must be positive and increasing".into(),
-            ));
-        }
+        check_scale_table(&scale_table)?;
         let tables = if vb.contains_tensor("_quantized_cdf") {
             let cdf = cpu_view(&vb).get_unchecked("_quantized_cdf")?;
             let (rows, width) = cdf.dims2()?;
@@ -145,8 +175,11 @@ impl GaussianConditional {
         })
     }
 
-    /// A model with the given scale table and freshly computed tables.
+    /// A model with the given scale table and freshly computed tables. The scale table must be
+    /// positive, increasing, at most [`MAX_SCALE_TABLE_LEN`] long and within
+    /// [`MAX_COMPUTED_TABLE_SYMBOLS`]; otherwise returns [`Error::Model`].
     pub fn from_scale_table(scale_table: Vec<f32>) -> Result<Self> {
+        check_scale_table(&scale_table)?;
         let tables = Self::build_tables(&scale_table)?;
         Ok(Self {
             scale_table,
@@ -164,8 +197,22 @@ impl GaussianConditional {
         &self.tables
     }
 
-    /// CompressAI's `update()`: one discretised Gaussian CDF per scale of the table.
+    /// CompressAI's `update()`: one discretised Gaussian CDF per scale of the table, after
+    /// checking the tables' total size against [`MAX_COMPUTED_TABLE_SYMBOLS`].
     fn build_tables(scale_table: &[f32]) -> Result<CdfTables> {
+        let mut symbols = 0usize;
+        for &s in scale_table {
+            symbols += 2 * table_center(s)? as usize + 1;
+            if symbols > MAX_COMPUTED_TABLE_SYMBOLS {
+                return Err(Error::Model(format!(
+                    "gaussian_conditional: the model stores no CDF tables and its scale table \
+                     ({} scales up to {}) would need tables of over {MAX_COMPUTED_TABLE_SYMBOLS} \
+                     symbols (the most psic computes; docs/FORMAT.md, limits)",
+                    scale_table.len(),
+                    scale_table.last().copied().unwrap_or(0.0)
+                )));
+            }
+        }
         let (cdfs, offsets) = scale_table
             .iter()
             .map(|&s| gaussian_cdf(s))

@@ -12,4 +12,7 @@ pub use cdf::{pmf_to_quantized_cdf, CdfTables};
 #[cfg(feature = "ryg-rans")]
 pub use coder::RygRansCoder;
 pub use coder::{EntropyCoder, RansCoder};
-pub use gaussian::{default_scale_table, GaussianConditional, SCALE_BOUND};
+pub use gaussian::{
+    default_scale_table, GaussianConditional, MAX_COMPUTED_TABLE_SYMBOLS, MAX_SCALE_TABLE_LEN,
+    SCALE_BOUND,
+};
