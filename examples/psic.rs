@@ -15,7 +15,10 @@ use std::time::Instant;
 
 use candle_core::Device;
 use psic::bitstream::{fingerprint_hex, Bitstream};
-use psic::image_io::{load_image, save_png, write_atomic};
+use psic::image_io::{
+    ensure_output_is_not_input, load_image, load_image_limited, read_limited, save_png,
+    write_atomic,
+};
 use psic::shield::Condition;
 use psic::{Codec, Error, ModelFile, Result};
 
@@ -119,6 +122,7 @@ fn convert(args: &[String]) -> Result<()> {
         args,
         &[("-i", "--input"), ("-o", "--output"), ("-a", "--arch")],
     )?;
+    ensure_output_is_not_input(a.get("--input")?, a.get("--output")?)?;
     let t = Instant::now();
     let model = ModelFile::import(a.get("--input")?, a.opt("--arch"), &Device::Cpu)?;
     model.save(a.get("--output")?)?;
@@ -172,30 +176,34 @@ fn shield(args: &[String]) -> Result<()> {
     };
     let a =
         Args::parse_with_switches(rest, &[("-m", "--model"), ("-d", "--out-dir")], &["--full"])?;
+    let stem = Path::new(&input)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let dir = Path::new(a.opt("--out-dir").unwrap_or("."));
+    let stream = dir.join(format!("{stem}.psic"));
+    let shielded_path = dir.join(format!("{stem}.shielded.png"));
+    let full_path = dir.join(format!("{stem}.full.png"));
+    for out in [&stream, &shielded_path, &full_path] {
+        ensure_output_is_not_input(&input, out)?;
+    }
     let t = Instant::now();
     let codec = load_codec(&a)?;
     let load_s = t.elapsed().as_secs_f64();
     let conditions = codec.conditions().ok_or_else(|| {
         Error::InvalidArgument("this model has no shield (no trigger generator)".into())
     })?;
-    let img = load_image(&input)?;
-    let stem = Path::new(&input)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let dir = Path::new(a.opt("--out-dir").unwrap_or("."));
+    let img = load_image_limited(&input, codec.max_pixels())?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let t = Instant::now();
     let bytes = codec.encode(&img)?;
     let enc_s = t.elapsed().as_secs_f64();
-    let stream = dir.join(format!("{stem}.psic"));
     write_atomic(&stream, &bytes)?;
     let latent = codec.decode_latent(&bytes)?;
     let t = Instant::now();
     let shielded =
         psic::image_io::tensor_to_image(&codec.synthesize(&latent, &conditions.shielded)?)?;
     let sh_s = t.elapsed().as_secs_f64();
-    let shielded_path = dir.join(format!("{stem}.shielded.png"));
     save_png(&shielded_path, &shielded)?;
     let bpp = bytes.len() as f64 * 8.0 / (img.width() as f64 * img.height() as f64);
     println!(
@@ -214,7 +222,6 @@ fn shield(args: &[String]) -> Result<()> {
         let t = Instant::now();
         let full = psic::image_io::tensor_to_image(&codec.synthesize(&latent, &conditions.full)?)?;
         let full_s = t.elapsed().as_secs_f64();
-        let full_path = dir.join(format!("{stem}.full.png"));
         save_png(&full_path, &full)?;
         println!(
             "full decode -> {} ({:.2} dB PSNR), synthesis {full_s:.2} s",
@@ -231,10 +238,11 @@ fn encode(args: &[String]) -> Result<()> {
         args,
         &[("-m", "--model"), ("-i", "--input"), ("-o", "--output")],
     )?;
+    ensure_output_is_not_input(a.get("--input")?, a.get("--output")?)?;
     let t = Instant::now();
     let codec = load_codec(&a)?;
     let load_s = t.elapsed().as_secs_f64();
-    let img = load_image(a.get("--input")?)?;
+    let img = load_image_limited(a.get("--input")?, codec.max_pixels())?;
     let t = Instant::now();
     let bytes = codec.encode(&img)?;
     let enc_s = t.elapsed().as_secs_f64();
@@ -260,11 +268,13 @@ fn decode(args: &[String]) -> Result<()> {
         ],
         &["--full"],
     )?;
+    let input = a.get("--input")?;
+    ensure_output_is_not_input(input, a.get("--output")?)?;
     let t = Instant::now();
     let codec = load_codec(&a)?;
     let load_s = t.elapsed().as_secs_f64();
-    let input = a.get("--input")?;
-    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    // Never more than the longest stream of an image within the codec's pixel limit.
+    let bytes = read_limited(input, codec.max_stream_len())?;
     let condition = match (a.opt("--condition"), a.switch("--full")) {
         (Some(_), true) => {
             return Err(Error::InvalidArgument(
@@ -306,7 +316,7 @@ fn decode(args: &[String]) -> Result<()> {
 fn info(args: &[String]) -> Result<()> {
     let a = Args::parse(args, &[("-i", "--input")])?;
     let input = a.get("--input")?;
-    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let bytes = read_limited(input, psic::bitstream::MAX_STREAM_LEN)?;
     let s = Bitstream::from_bytes(&bytes)?;
     println!(
         "psic stream v{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
@@ -546,6 +556,7 @@ fn parse_num<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T> {
 /// `export -i CHECKPOINT -o MODEL`: the model file of a training checkpoint.
 fn export(args: &[String]) -> Result<()> {
     let a = Args::parse(args, &[("-i", "--input"), ("-o", "--output")])?;
+    ensure_output_is_not_input(a.get("--input")?, a.get("--output")?)?;
     let trainer = psic::train::Trainer::resume(a.get("--input")?, &Device::Cpu, |_| {})?;
     trainer.export()?.save(a.get("--output")?)?;
     println!(

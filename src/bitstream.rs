@@ -25,6 +25,10 @@ pub const VERSION: u16 = 1;
 pub const FINGERPRINT_LEN: usize = 16;
 /// Largest accepted image side, to bound allocations on hostile input.
 pub const MAX_SIDE: u32 = 1 << 15;
+/// The most bytes of a stream a reader without a model reads (`psic info`): 1 GiB. A decoder
+/// reads at most [`Codec::max_stream_len`](crate::Codec::max_stream_len), derived from its pixel
+/// limit and model (52,429,824 bytes for the default model and limit).
+pub const MAX_STREAM_LEN: u64 = 1 << 30;
 /// Largest accepted string count.
 const MAX_STRINGS: usize = 8;
 const HEADER_LEN: usize = 61;

@@ -29,8 +29,11 @@ pub struct Codec {
 }
 
 /// Default limit on the pixels of an image to encode or a stream to decode (16.8 MP, e.g.
-/// 4096x4096): a hostile header cannot make the decoder allocate gigabytes. Raise it with
-/// [`Codec::with_max_pixels`] for larger images.
+/// 4096x4096): a hostile header cannot make the decoder allocate more than an image of this size
+/// needs. That is still gigabytes: the transforms work on the whole image, and the CLI with the
+/// default model peaked at 2.95 GB (encode) and 2.51 GB (decode) on a 4032x4160 photo, about 174
+/// and 138 bytes a pixel (`docs/FORMAT.md`, "Memory"). Lower it with
+/// [`Codec::with_max_pixels`] where that is too much, raise it for larger images.
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 24;
 
 /// A trigger generator and the conditions its model was trained for.
@@ -77,9 +80,17 @@ impl Codec {
     /// Builds a codec from a parsed model file (with its trigger generator, if it has one).
     pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
         let codec = Self::new(model.build_backbone(device)?, model.fingerprint()?);
+        // The generator and the conditions come together or not at all: a shielded model that
+        // lost either must not load as a plain codec (its default decode would be the full one).
         match (model.build_generator(device)?, model.conditions()?) {
             (Some(g), Some(c)) => codec.with_shield(g, c),
-            _ => Ok(codec),
+            (None, None) => Ok(codec),
+            (Some(_), None) => Err(Error::Model(
+                "the model has a trigger generator but no conditions".into(),
+            )),
+            (None, Some(_)) => Err(Error::Model(
+                "the model declares conditions but has no trigger generator".into(),
+            )),
         }
     }
 
@@ -131,6 +142,34 @@ impl Codec {
     pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
         self.max_pixels = max_pixels;
         self
+    }
+
+    /// The largest image (in pixels, padding included) this codec encodes or decodes.
+    pub fn max_pixels(&self) -> u64 {
+        self.max_pixels
+    }
+
+    /// The longest stream this codec reads: 8 bytes for every latent symbol of the largest
+    /// image it accepts ([`max_pixels`](Self::max_pixels)), plus 1 KiB for the container.
+    ///
+    /// That bounds every stream the encoder writes: a symbol costs at most 16 bits of rANS (a
+    /// frequency of at least 1 in 2^16) plus, when it escapes, a 4-bit chunk count and at most
+    /// eight 4-bit chunks, 52 bits in all; a hyperprior image of `P` pixels has `M P / 256` `y`
+    /// and `N P / 4096` `z` symbols. For the default model (N 64, M 96) and pixel limit (2^24)
+    /// that is 52,429,824 bytes. [`parse`](Self::parse) refuses longer streams, and callers
+    /// reading a stream from a file should read at most this much
+    /// ([`image_io::read_limited`](crate::image_io::read_limited)).
+    pub fn max_stream_len(&self) -> u64 {
+        let b = self.backbone.as_ref();
+        let stride = b.latent_stride() as u64;
+        let align = b.alignment() as u64;
+        let symbols = (b.latent_channels() as u64)
+            .saturating_mul(self.max_pixels / (stride * stride).max(1))
+            .saturating_add(
+                (b.hyper_channels() as u64)
+                    .saturating_mul(self.max_pixels / (align * align).max(1)),
+            );
+        symbols.saturating_mul(8).saturating_add(1024)
     }
 
     fn check_pixels(&self, w: u64, h: u64) -> Result<()> {
@@ -196,6 +235,14 @@ impl Codec {
 
     /// Parses a stream, checks that this model wrote it and that its shapes fit the model.
     pub fn parse(&self, bytes: &[u8]) -> Result<Bitstream> {
+        if bytes.len() as u64 > self.max_stream_len() {
+            return Err(Error::Bitstream(format!(
+                "{} bytes is longer than any stream of an image within this codec's pixel limit \
+                 ({} bytes, Codec::max_stream_len)",
+                bytes.len(),
+                self.max_stream_len()
+            )));
+        }
         let s = Bitstream::from_bytes(bytes)?;
         if s.fingerprint != self.fingerprint {
             return Err(Error::ModelMismatch {

@@ -55,6 +55,25 @@ pub enum Error {
     #[error("model: {0}")]
     Model(String),
 
+    /// An input file is longer than the most psic reads for it (a stream, a model file or an
+    /// image: see the limits in `docs/FORMAT.md`); it was not read further.
+    #[error("{path}: larger than {limit} bytes, the most psic reads for this input (docs/FORMAT.md, limits)")]
+    InputTooLarge {
+        /// The file involved.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// The output path names the input file itself: writing it would destroy the input.
+    #[error("output {output} is the input file {input}: refusing to overwrite it (choose another output path)")]
+    OutputIsInput {
+        /// The input path.
+        input: PathBuf,
+        /// The output path (the same file).
+        output: PathBuf,
+    },
+
     /// A caller passed an argument outside what the function accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -26,13 +26,18 @@ use crate::backbone::{
     ScaleHyperpriorConfig, PSIC_HY2018,
 };
 use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
-use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, Conditions, TriggerGenerator};
+use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, CltgNames, Conditions, TriggerGenerator};
 use crate::{Error, Result};
 
 /// `format` metadata value of psic model files.
 pub const MODEL_FORMAT: &str = "psic-model";
 /// Version of the model-file layout this build writes and reads.
 pub const MODEL_VERSION: &str = "1";
+
+/// Largest model file (or checkpoint) psic reads: 1 GiB. The shipped default model is 7.4 MB and
+/// CompressAI's largest hyperprior checkpoints are under 100 MB; a longer file is refused with
+/// [`Error::InputTooLarge`] after reading at most this much.
+pub const MAX_MODEL_FILE_LEN: u64 = 1 << 30;
 
 /// CompressAI buffers that hold integers (some converters store them as floats).
 pub(crate) const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
@@ -193,7 +198,7 @@ impl ModelFile {
     /// Reads a psic model file.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::image_io::read_limited(path, MAX_MODEL_FILE_LEN)?;
         Self::from_bytes(&bytes, device).map_err(|e| match e {
             Error::Model(m) => Error::Model(format!("{}: {m}", path.display())),
             e => e,
@@ -302,7 +307,7 @@ impl ModelFile {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::image_io::read_limited(path, MAX_MODEL_FILE_LEN)?;
         let mut tensors: HashMap<String, Tensor> =
             if safetensors::SafeTensors::read_metadata(&bytes).is_ok() {
                 // Parse the bytes already read rather than reading the file a second time.
@@ -431,12 +436,35 @@ impl ModelFile {
     /// The trigger generator of a shielded model: the official CLTG of `psic-hy2018`, or the
     /// generic `cltg.*` generator of a wrapped backbone (anchored at the full condition, so its
     /// full decode is the plain backbone's). `None` for plain models.
+    ///
+    /// A model that declares a shield (a `conditions` metadata entry, or any `cltg.*` tensor)
+    /// must carry its whole generator: a missing or unexpected generator tensor is an
+    /// [`Error::Model`], never a silently unshielded codec (the generator's weights are not part
+    /// of the fingerprint, so such a model would decode the same streams in full).
     pub fn build_generator(&self, device: &Device) -> Result<Option<Box<dyn TriggerGenerator>>> {
         let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
         match &self.architecture {
-            Architecture::PsicHy2018(c) => Ok(Some(Box::new(PsicHy2018::load_cltg(vb, c)?))),
+            Architecture::PsicHy2018(c) => {
+                self.check_generator_tensors(&c.cltg_config(), &CltgNames::psic_hy2018(), None)?;
+                Ok(Some(Box::new(PsicHy2018::load_cltg(vb, c)?)))
+            }
             architecture => {
+                let prefix = format!("{}.", CltgNames::GENERIC_PREFIX);
+                let declared = self.extra_metadata.contains_key("conditions")
+                    || self.tensors.keys().any(|k| k.starts_with(&prefix));
                 let Some(cfg) = CltgConfig::infer_generic(&self.tensors)? else {
+                    if declared {
+                        return Err(Error::Model(format!(
+                            "the model declares a shield ({}) but has no trigger generator \
+                             weight {}.weight: refusing to load it without its shield",
+                            if self.extra_metadata.contains_key("conditions") {
+                                "conditions metadata"
+                            } else {
+                                "cltg.* tensors"
+                            },
+                            CltgNames::generic(0).fc1
+                        )));
+                    }
                     return Ok(None);
                 };
                 let points = architecture.generic_injection_points(&self.tensors, device)?;
@@ -446,6 +474,8 @@ impl ModelFile {
                         cfg.injection_points, points
                     )));
                 }
+                let names = CltgNames::generic(points.len());
+                self.check_generator_tensors(&cfg, &names, Some(&prefix))?;
                 let full = self.conditions()?.unwrap_or_default().full;
                 Ok(Some(Box::new(AnchoredGenerator::new(
                     Cltg::new(vb, &cfg)?,
@@ -453,6 +483,58 @@ impl ModelFile {
                 ))))
             }
         }
+    }
+
+    /// Checks that every tensor of a generator with `names` is present with its shape, and (for
+    /// a namespace of its own, `prefix`) that no other tensor lives there.
+    fn check_generator_tensors(
+        &self,
+        cfg: &CltgConfig,
+        names: &CltgNames,
+        prefix: Option<&str>,
+    ) -> Result<()> {
+        let (e, h) = (cfg.embedding_dim(), cfg.hidden);
+        let mut expected: Vec<(String, Vec<usize>)> = vec![
+            (format!("{}.weight", names.fc1), vec![h, e]),
+            (format!("{}.bias", names.fc1), vec![h]),
+            (format!("{}.weight", names.fc2), vec![h, h]),
+            (format!("{}.bias", names.fc2), vec![h]),
+        ];
+        for (p, &c) in names.projections.iter().zip(&cfg.injection_points) {
+            expected.push((format!("{p}.weight"), vec![c, h]));
+        }
+        for (name, shape) in &expected {
+            match self.tensors.get(name) {
+                None => {
+                    return Err(Error::Model(format!(
+                        "shielded model lacks trigger generator tensor {name}: refusing to load \
+                         it without its shield"
+                    )))
+                }
+                Some(t) if t.dims() != shape.as_slice() => {
+                    return Err(Error::Model(format!(
+                        "trigger generator tensor {name} has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(prefix) = prefix {
+            let mut extra: Vec<&String> = self
+                .tensors
+                .keys()
+                .filter(|k| k.starts_with(prefix) && !expected.iter().any(|(n, _)| n == *k))
+                .collect();
+            extra.sort();
+            if let Some(name) = extra.first() {
+                return Err(Error::Model(format!(
+                    "unexpected trigger generator tensor {name} ({} in all)",
+                    extra.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Wraps this (plain) model with a freshly initialised, seeded CLTG for its backbone's

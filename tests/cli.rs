@@ -306,3 +306,196 @@ fn shield_with_the_default_model_writes_stream_and_both_decodes() {
     assert!(!dir.join("missing.psic").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Issue 17, item 3: `decode -i a.psic -o a.psic` and `encode -i b.png -o b.png` destroyed
+/// their input. Every command that reads one file and writes another refuses an output that is
+/// the input (same path, another spelling of it, or a link to it), leaving the input untouched.
+#[test]
+fn output_that_is_the_input_is_refused() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-same-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
+    ModelFile::initialize(arch, 5, &Device::Cpu)
+        .unwrap()
+        .save(p("m.safetensors"))
+        .unwrap();
+    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+    img.save(p("in.png")).unwrap();
+    let o = run(
+        &bin,
+        &[
+            "encode",
+            "-m",
+            &p("m.safetensors"),
+            "-i",
+            &p("in.png"),
+            "-o",
+            &p("s.psic"),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Aliases of the input: a symbolic link, a hard link, a dotted spelling.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(p("in.png"), p("link.png")).unwrap();
+        std::fs::hard_link(p("s.psic"), p("hard.psic")).unwrap();
+    }
+    // An image named .psic, shielded into its own folder, would be overwritten by IMAGE.psic.
+    std::fs::copy(p("in.png"), p("photo.psic")).unwrap();
+    let dotted = format!("{}/./in.png", dir.display());
+    let model = p("m.safetensors");
+    let mut cases: Vec<Vec<String>> = vec![
+        vec![
+            "decode",
+            "-m",
+            &model,
+            "-i",
+            &p("s.psic"),
+            "-o",
+            &p("s.psic"),
+        ],
+        vec![
+            "decode",
+            "-m",
+            &model,
+            "-i",
+            &p("s.psic"),
+            "-o",
+            &p("s.psic"),
+            "--full",
+        ],
+        vec![
+            "encode",
+            "-m",
+            &model,
+            "-i",
+            &p("in.png"),
+            "-o",
+            &p("in.png"),
+        ],
+        vec!["encode", "-m", &model, "-i", &p("in.png"), "-o", &dotted],
+        vec!["convert", "-i", &model, "-o", &model],
+        vec!["export", "-i", &model, "-o", &model],
+        vec![
+            "shield",
+            &p("photo.psic"),
+            "--out-dir",
+            &p(""),
+            "-m",
+            &model,
+        ],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    #[cfg(unix)]
+    {
+        cases.push(
+            [
+                "encode",
+                "-m",
+                &model,
+                "-i",
+                &p("in.png"),
+                "-o",
+                &p("link.png"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        cases.push(
+            [
+                "decode",
+                "-m",
+                &model,
+                "-i",
+                &p("s.psic"),
+                "-o",
+                &p("hard.psic"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+    }
+    let before: Vec<Vec<u8>> = ["in.png", "s.psic", "m.safetensors", "photo.psic"]
+        .iter()
+        .map(|f| std::fs::read(p(f)).unwrap())
+        .collect();
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run(&bin, &args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(
+            e.starts_with("error: ") && e.contains("is the input file"),
+            "{args:?}: {e}"
+        );
+    }
+    let after: Vec<Vec<u8>> = ["in.png", "s.psic", "m.safetensors", "photo.psic"]
+        .iter()
+        .map(|f| std::fs::read(p(f)).unwrap())
+        .collect();
+    assert!(before == after, "an input was changed");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 17, items 2 and 5 through the CLI: a decode of `/dev/zero` stops at the stream limit
+/// (it read until memory ran out), and an output write that fails (file size limit 0, with
+/// SIGXFSZ ignored so the write returns EFBIG) leaves no temporary file behind.
+#[cfg(unix)]
+#[test]
+fn endless_input_is_refused_and_failed_writes_leave_no_temporary_file() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-bounded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
+    ModelFile::initialize(arch, 5, &Device::Cpu)
+        .unwrap()
+        .save(p("m.safetensors"))
+        .unwrap();
+    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+    img.save(p("in.png")).unwrap();
+    if Path::new("/dev/zero").exists() {
+        let (model, out) = (p("m.safetensors"), p("zero.png"));
+        for cmd in ["decode", "info"] {
+            let mut args = vec![cmd, "-i", "/dev/zero"];
+            if cmd == "decode" {
+                args.extend(["-m", &model, "-o", &out]);
+            }
+            let o = run(&bin, &args);
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains("larger than"), "{}", stderr(&o));
+        }
+        assert!(!Path::new(&p("zero.png")).exists());
+    }
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 0; exec \"$0\" \"$@\"")
+        .arg(&bin)
+        .args([
+            "encode",
+            "-m",
+            &p("m.safetensors"),
+            "-i",
+            &p("in.png"),
+            "-o",
+            &p("s.psic"),
+        ])
+        .output()
+        .expect("run sh");
+    assert!(
+        !o.status.success(),
+        "a write over the file size limit succeeded"
+    );
+    assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["in.png", "m.safetensors"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
