@@ -789,7 +789,7 @@ pub fn write_report(
             y_label: "%".into(),
             groups,
         }
-        .save_png(dir.join("accuracy.png"), 1400, 560)?;
+        .save_png(dir.join("accuracy.png"), 1800, 560)?;
     }
     Ok(())
 }
@@ -912,7 +912,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("psic-tradeoff-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let png = dir.join("t.png");
-        tradeoff_chart(&[p.clone(), TradeoffPoint { name: "b".into(), ..p }], &png).unwrap();
+        tradeoff_chart(
+            &[
+                p.clone(),
+                TradeoffPoint {
+                    name: "b".into(),
+                    ..p
+                },
+            ],
+            &png,
+        )
+        .unwrap();
         assert!(image::open(&png).is_ok());
         std::fs::remove_dir_all(&dir).ok();
     }
