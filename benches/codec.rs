@@ -10,7 +10,7 @@ use std::time::Duration;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use psic::entropy::{EntropyCoder, RansCoder};
-use psic::{Codec, ModelFile};
+use psic::{Codec, ModelFile, Precision};
 
 mod common {
     pub mod train_step;
@@ -38,14 +38,27 @@ fn benches(c: &mut Criterion) {
         &Device::Cpu,
     )
     .expect("fixture model");
-    let codec = Codec::from_model_file(&model, &Device::Cpu).expect("codec");
     let img = psic::image_io::load_image(dir.join("test768x512.png")).expect("image");
+    let codec_at = |p: Precision| {
+        Codec::from_model_file(&model, &Device::Cpu)
+            .and_then(|c| c.with_precision(p))
+            .expect("codec")
+    };
+    let codec = codec_at(Precision::F32);
     let bytes = codec.encode(&img).expect("encode");
 
+    // f32 and bf16 transforms side by side, alternating (bf16 only where the CPU has it).
     let mut g = c.benchmark_group("codec_768x512_n128_m192");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
-    g.bench_function("encode", |b| b.iter(|| codec.encode(&img).unwrap()));
-    g.bench_function("decode", |b| b.iter(|| codec.decode(&bytes).unwrap()));
+    for p in precisions() {
+        let codec = codec_at(p);
+        g.bench_function(format!("encode_{p}"), |b| {
+            b.iter(|| codec.encode(&img).unwrap())
+        });
+        g.bench_function(format!("decode_{p}"), |b| {
+            b.iter(|| codec.decode(&bytes).unwrap())
+        });
+    }
     g.finish();
 
     // The coder alone, on the real symbols and tables of this image.
@@ -75,12 +88,29 @@ fn benches(c: &mut Criterion) {
 
 /// One training step (forward with noise quantisation, backward, AdamW update) of a fresh
 /// N128/M192 scale hyperprior on a batch of 8 random 128x128 crops. Needs no fixture.
+/// f32 and, where the CPU has AVX512-BF16, bf16 transforms.
 fn train_step(c: &mut Criterion) {
-    let mut step = common::train_step::TrainStep::new();
     let mut g = c.benchmark_group("train_step_n128_m192_b8_128x128");
     g.sample_size(10).measurement_time(Duration::from_secs(30));
-    g.bench_function("forward_backward_adamw", |b| b.iter(|| step.run()));
+    for p in precisions() {
+        let mut step = common::train_step::TrainStep::with_precision(p);
+        g.bench_function(format!("forward_backward_adamw_{p}"), |b| {
+            b.iter(|| step.run())
+        });
+    }
     g.finish();
+}
+
+/// The precisions to time: f32, and bf16 where the CPU runs the AVX512-BF16 kernel (its
+/// portable emulation is slower than f32 and not timed).
+fn precisions() -> Vec<Precision> {
+    let mut out = vec![Precision::F32];
+    if Precision::bf16_supported() {
+        out.push(Precision::Bf16);
+    } else {
+        eprintln!("bf16 not timed: this CPU has no AVX512-BF16");
+    }
+    out
 }
 
 criterion_group!(codec_benches, benches, train_step);

@@ -11,7 +11,7 @@ use crate::entropy::{EntropyCoder, RansCoder};
 use crate::image_io::{image_to_tensor, pad_to_multiple, tensor_to_image};
 use crate::model::ModelFile;
 use crate::shield::{Condition, Conditions, TriggerGenerator};
-use crate::{Error, Result};
+use crate::{Error, Precision, Result};
 
 /// A learned image codec ready to encode and decode: a backbone, its fingerprint, an entropy
 /// coder and — for shielded models — the trigger generator and the conditions it was trained
@@ -78,8 +78,11 @@ impl Codec {
     }
 
     /// Builds a codec from a parsed model file (with its trigger generator, if it has one).
+    /// Its transforms run at [`Precision::auto`] (bf16 on CPUs with AVX512-BF16 unless
+    /// `PSIC_PRECISION=f32`): see [`with_precision`](Self::with_precision).
     pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
-        let codec = Self::new(model.build_backbone(device)?, model.fingerprint()?);
+        let codec = Self::new(model.build_backbone(device)?, model.fingerprint()?)
+            .with_precision(Precision::auto())?;
         // The generator and the conditions come together or not at all: a shielded model that
         // lost either must not load as a plain codec (its default decode would be the full one).
         match (model.build_generator(device)?, model.conditions()?) {
@@ -130,6 +133,25 @@ impl Codec {
             coder: Box::new(RansCoder),
             max_pixels: DEFAULT_MAX_PIXELS,
         }
+    }
+
+    /// Sets the precision of the analysis and synthesis convolutions on the CPU
+    /// ([`LicBackbone::set_transform_precision`]; bf16 runs as f32 on CPUs without
+    /// AVX512-BF16).
+    ///
+    /// Streams are compatible across precisions: the hyper-synthesis, which decides the
+    /// entropy tables, always runs in f32, so any stream decodes to the same `y_hat` at either
+    /// precision; only the encoder's `y` (and so the stream a given image gives) and the
+    /// decoder's synthesis differ by bf16 rounding. Byte-identical strings with CompressAI
+    /// (whose transforms are f32) need [`Precision::F32`].
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        self.backbone.set_transform_precision(precision)?;
+        Ok(self)
+    }
+
+    /// The precision the analysis and synthesis convolutions use.
+    pub fn precision(&self) -> Precision {
+        self.backbone.transform_precision()
     }
 
     /// Replaces the entropy coder (the default is the pure-Rust, CompressAI-compatible rANS).

@@ -37,6 +37,9 @@
 //! (or without `default-model`, reading its model files from disk).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// The MSRV is 1.89 for the AVX-512 intrinsics of the bf16 kernel; the `x % n != 0` tests
+// written for the older MSRV stay as they are (`is_multiple_of` is only 1.87+ style).
+#![allow(clippy::manual_is_multiple_of)]
 
 pub mod alloc;
 pub mod backbone;
@@ -57,6 +60,7 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "eval")]
 pub mod plot;
+pub mod precision;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
@@ -75,3 +79,4 @@ pub use error::{Error, Result};
 /// The image library of psic's API (`image::RgbImage` in and out of [`Codec`]).
 pub use image;
 pub use model::ModelFile;
+pub use precision::Precision;

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::GaussianParams;
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, ConvTranspose2d, Gdn};
-use crate::{Error, Result};
+use crate::{Error, Precision, Result};
 
 /// `g_a` (4 strided 5x5 convolutions with GDN), `h_a` (3x3, then two strided 5x5, ReLU),
 /// `h_s` (two 5x5 transposed convolutions and a 3x3, ReLU) and the entropy models.
@@ -57,6 +57,24 @@ impl HyperpriorCore {
             gaussian_conditional: GaussianConditional::new(vb.pp("gaussian_conditional"))?,
             device: vb.device().clone(),
         })
+    }
+
+    /// Sets the precision of `g_a`'s convolutions (`h_a` and `h_s` always stay f32).
+    pub(crate) fn set_analysis_precision(&mut self, precision: Precision) -> Result<()> {
+        for conv in &mut self.g_a.0 {
+            conv.set_precision(precision)?;
+        }
+        Ok(())
+    }
+
+    /// The precision of `g_a`'s convolutions.
+    pub(crate) fn analysis_precision(&self) -> Precision {
+        self.g_a.0[0].precision()
+    }
+
+    /// Whether the weights are trainable variables (a model built for training).
+    pub(crate) fn trainable(&self) -> bool {
+        self.g_a.0[0].is_trainable()
     }
 
     /// `g_a`, each convolution fused with the GDN after it where the layers allow it.

@@ -9,7 +9,7 @@ use super::hyper::HyperpriorCore;
 use super::{GaussianParams, LicBackbone, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{ConvTranspose2d, Gdn};
-use crate::Result;
+use crate::{Precision, Result};
 
 /// Configuration: `n` channels in the transforms and the hyper-latent, `m` in the latent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +34,10 @@ pub struct ScaleHyperprior {
 }
 
 impl ScaleHyperprior {
-    /// Loads (or creates, for training) the model from `vb`.
+    /// Loads (or creates, for training) the model from `vb`. Loaded (frozen) weights run in
+    /// f32 until [`LicBackbone::set_transform_precision`] (which [`Codec`](crate::Codec) calls);
+    /// a model created for training takes [`Precision::auto`] for `g_a` and `g_s` (bf16 where
+    /// the CPU has it, unless `PSIC_PRECISION=f32`).
     pub fn new(vb: VarBuilder, cfg: &ScaleHyperpriorConfig) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
         let core = HyperpriorCore::new(&vb, n, m)?;
@@ -49,11 +52,15 @@ impl ScaleHyperprior {
         let g_s_gdns = (0..3)
             .map(|i| Gdn::new(vb.pp(format!("g_s.{}", 2 * i + 1)), n, true))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut model = Self {
             cfg: *cfg,
             core,
             g_s: (g_s_convs, g_s_gdns),
-        })
+        };
+        if model.core.trainable() {
+            model.set_transform_precision(Precision::auto())?;
+        }
+        Ok(model)
     }
 
     /// The configuration.
@@ -120,6 +127,18 @@ impl LicBackbone for ScaleHyperprior {
             }
         }
         Ok(h)
+    }
+
+    fn set_transform_precision(&mut self, precision: Precision) -> Result<()> {
+        self.core.set_analysis_precision(precision)?;
+        for conv in &mut self.g_s.0 {
+            conv.set_precision(precision)?;
+        }
+        Ok(())
+    }
+
+    fn transform_precision(&self) -> Precision {
+        self.core.analysis_precision()
     }
 
     fn entropy_bottleneck(&self) -> &EntropyBottleneck {

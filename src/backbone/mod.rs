@@ -30,7 +30,7 @@ pub use registry::{
 use candle_core::{Device, Tensor};
 
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
-use crate::{Error, Result};
+use crate::{Error, Precision, Result};
 
 /// Parameters of the conditional Gaussian of `y`, predicted by the hyper-synthesis.
 #[derive(Debug, Clone)]
@@ -119,6 +119,21 @@ pub trait LicBackbone: Send + Sync + std::fmt::Debug {
     /// generator); everything else stays as it is. The default is CompressAI's `g_s`.
     fn synthesis_prefixes(&self) -> Vec<String> {
         vec!["g_s".into()]
+    }
+
+    /// Sets the precision of the analysis (`g_a`) and synthesis (`g_s`) convolutions on the
+    /// CPU. The hyper transforms `h_a`/`h_s` stay f32 whatever is set: `h_s` decides the table
+    /// indexes of `y`, which must not depend on the precision, so that a stream written at one
+    /// precision decodes to the same `y_hat` at the other. The default does nothing (the
+    /// backbone stays f32).
+    fn set_transform_precision(&mut self, precision: Precision) -> Result<()> {
+        let _ = precision;
+        Ok(())
+    }
+    /// The precision the analysis and synthesis convolutions use (after any fallback to f32 on
+    /// CPUs without bf16 instructions).
+    fn transform_precision(&self) -> Precision {
+        Precision::F32
     }
 
     /// The entropy model of `z`.

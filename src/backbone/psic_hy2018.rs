@@ -13,7 +13,7 @@ use super::{GaussianParams, LicBackbone, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, Gdn, SubpelConv2d};
 use crate::shield::{Cltg, CltgConfig, CltgNames};
-use crate::Result;
+use crate::{Precision, Result};
 
 /// Architecture name written into model files.
 pub const PSIC_HY2018: &str = "psic-hy2018";
@@ -62,6 +62,15 @@ struct CondRes {
 }
 
 impl CondRes {
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.conv1.set_precision(precision)?;
+        self.conv2.set_precision(precision)?;
+        if let Some(s) = &mut self.skip {
+            s.set_precision(precision)?;
+        }
+        Ok(())
+    }
+
     fn new(vb: VarBuilder, in_c: usize, out_c: usize) -> Result<Self> {
         Ok(Self {
             conv1: Conv2d::new(vb.pp("conv1"), in_c, out_c, 3, 1)?,
@@ -103,6 +112,12 @@ struct ResUp {
 }
 
 impl ResUp {
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.subpel_conv.set_precision(precision)?;
+        self.conv.set_precision(precision)?;
+        self.upsample.set_precision(precision)
+    }
+
     fn new(vb: VarBuilder, in_c: usize, out_c: usize) -> Result<Self> {
         Ok(Self {
             subpel_conv: SubpelConv2d::new(vb.pp("subpel_conv"), in_c, out_c, 3, 2)?,
@@ -159,13 +174,18 @@ impl PsicHy2018 {
             .map(|i| ResUp::new(st.pp(2 * i + 1), n, n))
             .collect::<Result<Vec<_>>>()?;
         let last = SubpelConv2d::new(st.pp(7), n, 3, 3, 2)?;
-        Ok(Self {
+        let mut model = Self {
             cfg: *cfg,
             core,
             cond_res,
             res_up,
             last,
-        })
+        };
+        // As ScaleHyperprior::new: a model created for training takes the default precision.
+        if model.core.trainable() {
+            model.set_transform_precision(Precision::auto())?;
+        }
+        Ok(model)
     }
 
     /// Loads the official trigger generator for a model of size `cfg` from `vb`
@@ -295,6 +315,21 @@ impl LicBackbone for PsicHy2018 {
             }
         }
         Ok(self.last.forward(&h)?)
+    }
+
+    fn set_transform_precision(&mut self, precision: Precision) -> Result<()> {
+        self.core.set_analysis_precision(precision)?;
+        for block in &mut self.cond_res {
+            block.set_precision(precision)?;
+        }
+        for block in &mut self.res_up {
+            block.set_precision(precision)?;
+        }
+        self.last.set_precision(precision)
+    }
+
+    fn transform_precision(&self) -> Precision {
+        self.core.analysis_precision()
     }
 
     fn entropy_bottleneck(&self) -> &EntropyBottleneck {

@@ -6,6 +6,7 @@ use candle_nn::{Init, VarBuilder};
 use super::cpu_conv::{self, CpuConv};
 use super::train_conv::TrainConv;
 use super::Gdn;
+use crate::precision::{Kernel, Precision};
 use crate::Result;
 
 /// Whether `w` is a frozen (inference) weight on the CPU, where [`CpuConv`] applies.
@@ -46,6 +47,9 @@ pub struct Conv2d {
     /// The tiled im2col + gemm form for frozen CPU weights (inference: it passes no gradient
     /// back to its input).
     cpu: Option<CpuConv>,
+    /// Product kernel of the CPU ops (inference and training); f32 until
+    /// [`set_precision`](Self::set_precision) says otherwise.
+    kernel: Kernel,
 }
 
 impl Conv2d {
@@ -65,7 +69,7 @@ impl Conv2d {
             out_channels,
         )?;
         let cpu = frozen_on_cpu(&weight)
-            .then(|| CpuConv::conv(&weight, &bias, stride, kernel / 2))
+            .then(|| CpuConv::conv(&weight, &bias, stride, kernel / 2, Kernel::F32))
             .transpose()?;
         Ok(Self {
             weight,
@@ -73,7 +77,29 @@ impl Conv2d {
             stride,
             padding: kernel / 2,
             cpu,
+            kernel: Kernel::F32,
         })
+    }
+
+    /// Sets the precision of this layer's CPU products (inference and training); bf16 falls
+    /// back to f32 on CPUs without AVX512-BF16. Rebuilds the inference plan of frozen weights.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.kernel = Kernel::new(precision);
+        if self.cpu.is_some() {
+            let (s, p) = (self.stride, self.padding);
+            self.cpu = Some(CpuConv::conv(&self.weight, &self.bias, s, p, self.kernel)?);
+        }
+        Ok(())
+    }
+
+    /// The precision this layer's CPU products use (after any fallback).
+    pub fn precision(&self) -> Precision {
+        self.kernel.precision()
+    }
+
+    /// Whether the weights are trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        self.weight.is_variable()
     }
 
     /// Output channels.
@@ -106,6 +132,7 @@ impl Module for Conv2d {
             let op = TrainConv::Conv {
                 stride: self.stride,
                 padding: self.padding,
+                kernel: self.kernel,
             };
             if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
                 return Ok(y);
@@ -229,6 +256,8 @@ pub struct ConvTranspose2d {
     /// Per-phase im2col + gemm form for frozen CPU weights (inference: it passes no gradient
     /// back to its input).
     cpu: Option<CpuConv>,
+    /// Product kernel of the CPU ops, as for [`Conv2d`].
+    kernel: Kernel,
 }
 
 impl ConvTranspose2d {
@@ -254,6 +283,7 @@ impl ConvTranspose2d {
             output_padding: stride - 1,
             phase: None,
             cpu: None,
+            kernel: Kernel::F32,
         };
         if !layer.weight.is_variable() {
             layer.phase = Some(layer.phase_kernel()?);
@@ -263,10 +293,32 @@ impl ConvTranspose2d {
                     &layer.bias,
                     stride,
                     layer.padding,
+                    Kernel::F32,
                 )?);
             }
         }
         Ok(layer)
+    }
+
+    /// Sets the precision of this layer's CPU products, as [`Conv2d::set_precision`].
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.kernel = Kernel::new(precision);
+        if self.cpu.is_some() {
+            let (s, p) = (self.stride, self.padding);
+            self.cpu = Some(CpuConv::transposed(
+                &self.weight,
+                &self.bias,
+                s,
+                p,
+                self.kernel,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The precision this layer's CPU products use (after any fallback).
+    pub fn precision(&self) -> Precision {
+        self.kernel.precision()
     }
 
     /// Tap offsets `d` (input row `Y + d` feeds phase row `Y`) span `d_min..=d_max`, where
@@ -367,6 +419,7 @@ impl Module for ConvTranspose2d {
             let op = TrainConv::Transposed {
                 stride: self.stride,
                 padding: self.padding,
+                kernel: self.kernel,
             };
             if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
                 return Ok(y);

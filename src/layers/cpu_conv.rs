@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use crate::precision::Kernel;
 use crate::tensor_util::{contiguous_f32, on_threads, par_planes};
 
 /// Output columns (pixels) per tile, rounded to whole output rows: large enough for `gemm` to
@@ -112,8 +113,10 @@ pub(super) unsafe fn norm_tile(
         }
         u[ch * n..][..n].fill(beta[ch]);
     }
-    // SAFETY: gamma is [C, C], sq and u hold [C, n].
+    // SAFETY: gamma is [C, C], sq and u hold [C, n]. GDN stays f32 whatever the convolutions
+    // use.
     product(
+        Kernel::F32,
         (c, n, c),
         u.as_mut_ptr(),
         n,
@@ -153,6 +156,8 @@ pub(super) struct Plan {
     pub(super) transposed: bool,
     /// `k²` of the source kernel.
     pub(super) kernel_area: usize,
+    /// The matrix-product kernel (f32 or bf16), chosen when the plan is built.
+    pub(super) kernel: Kernel,
 }
 
 /// The f32 values of a tensor, flattened (weights and biases are small).
@@ -162,13 +167,61 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
         .to_vec1::<f32>()
 }
 
+/// Fewest rows (`m`) for which [`product`] takes the bf16 kernel: it packs `rhs` once for all
+/// rows, which does not pay for a product of a few rows (the 3-channel image layers' weight
+/// products), so those stay in f32.
+const BF16_MIN_ROWS: usize = 16;
+
 /// `dst [m, n] (= or +=) lhs [m, k] · rhs [k, n]` on the calling thread, with explicit
-/// (column, row) strides for each operand.
+/// (column, row) strides for each operand, by `kernel` (f32 `gemm`, or bf16 operands with f32
+/// sums for at least [`BF16_MIN_ROWS`] rows).
 ///
 /// # Safety
-/// Each pointer must address its matrix at the given sizes and strides.
+/// Each pointer must address its matrix at the given sizes and strides, and `dst` must not
+/// overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    let (lhs_s, rhs_s) = ((lhs_cs, lhs_rs), (rhs_cs, rhs_rs));
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Bf16(cpu) if m >= BF16_MIN_ROWS => {
+            // SAFETY: the caller's guarantees, passed on; `cpu` proves the instructions.
+            super::bf16_gemm::product(
+                cpu,
+                (m, n, k),
+                dst,
+                dst_rs,
+                accumulate,
+                lhs,
+                lhs_s,
+                rhs,
+                rhs_s,
+            )
+        }
+        Kernel::Bf16Emulated if m >= BF16_MIN_ROWS => {
+            // SAFETY: the caller's guarantees, passed on.
+            super::bf16_emul::product((m, n, k), dst, dst_rs, accumulate, lhs, lhs_s, rhs, rhs_s)
+        }
+        _ => gemm_f32((m, n, k), dst, dst_rs, accumulate, lhs, lhs_s, rhs, rhs_s),
+    }
+}
+
+/// [`product`] in f32 by the `gemm` crate.
+///
+/// # Safety
+/// As [`product`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -203,38 +256,32 @@ pub(super) unsafe fn product(
 
 impl CpuConv {
     /// A `k`x`k` convolution, stride `s`, padding `p`: `weight` `[O, C, k, k]`, `bias` `[O]`.
+    /// Its products run by `kernel`.
     pub(crate) fn conv(
         weight: &Tensor,
         bias: &Tensor,
         s: usize,
         p: usize,
+        kernel: Kernel,
     ) -> candle_core::Result<Self> {
         let (c_out, c_in, k, _) = weight.dims4()?;
-        Ok(Self(Arc::new(Plan::conv(
-            &values(weight)?,
-            (c_out, c_in, k),
-            values(bias)?,
-            s,
-            p,
-        ))))
+        let plan = Plan::conv(&values(weight)?, (c_out, c_in, k), values(bias)?, s, p);
+        Ok(Self(Arc::new(plan.with_kernel(kernel))))
     }
 
     /// A transposed convolution `weight` `[C, O, k, k]` (PyTorch layout), stride `s`, padding
     /// `p`, whose output is exactly `s` times its input (`k + output_padding = s + 2p`).
+    /// Its products run by `kernel`.
     pub(crate) fn transposed(
         weight: &Tensor,
         bias: &Tensor,
         s: usize,
         p: usize,
+        kernel: Kernel,
     ) -> candle_core::Result<Self> {
         let (c_in, c_out, k, _) = weight.dims4()?;
-        Ok(Self(Arc::new(Plan::transposed(
-            &values(weight)?,
-            (c_in, c_out, k),
-            values(bias)?,
-            s,
-            p,
-        ))))
+        let plan = Plan::transposed(&values(weight)?, (c_in, c_out, k), values(bias)?, s, p);
+        Ok(Self(Arc::new(plan.with_kernel(kernel))))
     }
 }
 
@@ -277,6 +324,7 @@ impl Plan {
             bias,
             transposed: false,
             kernel_area: kk,
+            kernel: Kernel::F32,
         }
     }
 
@@ -375,7 +423,14 @@ impl Plan {
             bias,
             transposed: true,
             kernel_area: k * k,
+            kernel: Kernel::F32,
         }
+    }
+
+    /// The plan with its products run by `kernel`.
+    pub(super) fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// Rows and columns `(ho, wo)` of each phase's output grid for an `h`x`w` input.
@@ -533,6 +588,7 @@ impl Plan {
                         // t0·C.. (row stride k_all) and the columns cover taps·C entries.
                         unsafe {
                             product(
+                                self.kernel,
                                 (o, n, taps.len() * c),
                                 dst,
                                 plane_out,
@@ -568,6 +624,7 @@ impl Plan {
                         // count·C entries each.
                         unsafe {
                             product(
+                                self.kernel,
                                 (o, n, count * c),
                                 dst,
                                 rs,

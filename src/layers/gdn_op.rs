@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::cpu_conv::{norm_tile, product, OutPtr};
+use crate::precision::Kernel;
 use crate::tensor_util::{contiguous_f32, cpu_f32, on_ranges};
 
 /// Pixels per tile: a tile's scratch (`4 · C` rows of this many floats) stays in the L2 cache.
@@ -189,6 +190,7 @@ impl CustomOp3 for GdnOp {
                 // SAFETY: d_gamma is [C, C]; v and sq are [C, n] (sqᵀ read with strides).
                 unsafe {
                     product(
+                        Kernel::F32,
                         (c, c, n),
                         d_gamma.as_mut_ptr(),
                         c,
@@ -206,6 +208,7 @@ impl CustomOp3 for GdnOp {
                 // SAFETY: gamma is [C, C] (read transposed), v and sq are [C, n].
                 unsafe {
                     product(
+                        Kernel::F32,
                         (c, n, c),
                         sq.as_mut_ptr(),
                         n,

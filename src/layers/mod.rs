@@ -4,6 +4,9 @@
 //! `beta`, `gamma`, ...), exactly as the matching PyTorch module names them in a state dict, and
 //! creates trainable variables when the builder is backed by a `VarMap`.
 
+mod bf16_emul;
+#[cfg(target_arch = "x86_64")]
+mod bf16_gemm;
 mod conv;
 mod cpu_conv;
 mod gdn;

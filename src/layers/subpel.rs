@@ -32,6 +32,11 @@ impl SubpelConv2d {
         )?;
         Ok(Self { conv, upscale })
     }
+
+    /// Sets the precision of the convolution's CPU products ([`Conv2d::set_precision`]).
+    pub fn set_precision(&mut self, precision: crate::Precision) -> Result<()> {
+        self.conv.set_precision(precision)
+    }
 }
 
 impl Module for SubpelConv2d {

@@ -14,16 +14,27 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::cpu_conv::{product, space_to_depth, Plan};
+use crate::precision::Kernel;
 use crate::tensor_util::{contiguous_f32, cpu_f32, on_ranges};
 
-/// A trainable convolution on f32 CPU tensors: `apply_op3(x, weight, bias)`.
+/// A trainable convolution on f32 CPU tensors: `apply_op3(x, weight, bias)`. Its products
+/// (forward, weight gradient, input gradient) run by `kernel`: f32, or bf16 operands rounded
+/// from the f32 weights and activations with f32 sums (the weights stay f32 masters).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum TrainConv {
     /// A convolution with `weight` `[O, C, k, k]`, padding `p`.
-    Conv { stride: usize, padding: usize },
+    Conv {
+        stride: usize,
+        padding: usize,
+        kernel: Kernel,
+    },
     /// A transposed convolution with `weight` `[C, O, k, k]` whose output is `stride` times its
     /// input (CompressAI's `deconv`).
-    Transposed { stride: usize, padding: usize },
+    Transposed {
+        stride: usize,
+        padding: usize,
+        kernel: Kernel,
+    },
 }
 
 impl TrainConv {
@@ -45,10 +56,16 @@ impl TrainConv {
             );
         }
         Ok(match *self {
-            Self::Conv { stride, padding } => Plan::conv(w, (a, b, k), bias, stride, padding),
-            Self::Transposed { stride, padding } => {
-                Plan::transposed(w, (a, b, k), bias, stride, padding)
-            }
+            Self::Conv {
+                stride,
+                padding,
+                kernel,
+            } => Plan::conv(w, (a, b, k), bias, stride, padding).with_kernel(kernel),
+            Self::Transposed {
+                stride,
+                padding,
+                kernel,
+            } => Plan::transposed(w, (a, b, k), bias, stride, padding).with_kernel(kernel),
         })
     }
 }
@@ -62,13 +79,17 @@ impl TrainConv {
         };
         Ok(match *self {
             // [O, C, k, k] read as a transposed kernel from O to C channels.
-            Self::Conv { stride, padding } => {
-                Plan::transposed(w, (a, b, k), vec![0.0; b], stride, padding)
-            }
+            Self::Conv {
+                stride,
+                padding,
+                kernel,
+            } => Plan::transposed(w, (a, b, k), vec![0.0; b], stride, padding).with_kernel(kernel),
             // [C, O, k, k] read as a convolution kernel from O to C channels.
-            Self::Transposed { stride, padding } => {
-                Plan::conv(w, (a, b, k), vec![0.0; a], stride, padding)
-            }
+            Self::Transposed {
+                stride,
+                padding,
+                kernel,
+            } => Plan::conv(w, (a, b, k), vec![0.0; a], stride, padding).with_kernel(kernel),
         })
     }
 }
@@ -230,6 +251,7 @@ fn weight_gradients(
                     // above checked the extent); `cols` holds k rows of n floats.
                     unsafe {
                         product(
+                            plan.kernel,
                             (o, k, n),
                             gw.as_mut_ptr(),
                             k,
@@ -276,6 +298,7 @@ mod tests {
 
     use crate::layers::conv::tests::max_diff;
     use crate::layers::{Conv2d, ConvTranspose2d};
+    use crate::Precision;
 
     fn scale(t: &Tensor) -> f32 {
         t.abs()
@@ -286,9 +309,45 @@ mod tests {
             .unwrap()
     }
 
-    /// The loss `Σ y · r` of `forward`, its gradients for `x`, `weight` and `bias` by
-    /// `reference` and by the op, compared; then central differences of the op's loss at a few
-    /// entries of the input and the kernel.
+    /// Bounds of [`check_with`]: forward and gradients against the reference within
+    /// `rel · max(1, max |reference|)`; central differences with step `eps` within
+    /// `fd_rel · max(1, |numeric|)`.
+    struct Tolerance {
+        /// Whether the op must differ from the reference (bf16 really taken).
+        differs: bool,
+        rel: f32,
+        eps: f32,
+        fd_rel: f32,
+        /// Central differences may also be off by this share of the largest gradient entry.
+        fd_abs: f32,
+    }
+
+    /// f32 against f32: the op and the reference differ only in summation order.
+    const F32: Tolerance = Tolerance {
+        differs: false,
+        rel: 1e-4,
+        eps: 1e-2,
+        fd_rel: 2e-2,
+        fd_abs: 0.0,
+    };
+
+    /// bf16 against f32: each operand is rounded to 8 significant bits (relative error up to
+    /// 2^-9), so sums of a few hundred terms of mixed signs stay within about 1% of the
+    /// largest value. The rounded forward pass is piecewise constant in each entry, but the op
+    /// is linear in the input and in the kernel, so central differences are exact for any step
+    /// in exact arithmetic: a step of 1 makes the rounding of the perturbed entry (at most
+    /// 2^-8 of it) small next to the step. The op's gradient is taken with the output
+    /// gradient rounded to bf16 too, which the differences of the f32 loss do not see: an
+    /// entry is a sum of terms each off by up to 2^-8, so it may be off by about 1% of the
+    /// largest entry, not only of itself.
+    const BF16: Tolerance = Tolerance {
+        differs: true,
+        rel: 2e-2,
+        eps: 1.0,
+        fd_rel: 3e-2,
+        fd_abs: 1e-2,
+    };
+
     fn check(
         forward: &dyn Fn(&Tensor) -> Tensor,
         reference: &dyn Fn(&Tensor) -> Tensor,
@@ -296,12 +355,31 @@ mod tests {
         params: [&Var; 2],
         what: &str,
     ) {
+        check_with(forward, reference, x, params, what, &F32)
+    }
+
+    /// The loss `Σ y · r` of `forward`, its gradients for `x`, `weight` and `bias` by
+    /// `reference` and by the op, compared; then central differences of the op's loss at a few
+    /// entries of the input and the kernel.
+    fn check_with(
+        forward: &dyn Fn(&Tensor) -> Tensor,
+        reference: &dyn Fn(&Tensor) -> Tensor,
+        x: &Var,
+        params: [&Var; 2],
+        what: &str,
+        tol: &Tolerance,
+    ) {
         let y = forward(x.as_tensor());
         let y_ref = reference(x.as_tensor());
         assert_eq!(y.dims(), y_ref.dims(), "{what}");
+        let d = max_diff(&y, &y_ref);
         assert!(
-            max_diff(&y, &y_ref) < 1e-4 * scale(&y_ref).max(1.0),
-            "{what}: forward"
+            d < tol.rel * scale(&y_ref).max(1.0),
+            "{what}: forward off by {d}"
+        );
+        assert!(
+            d > 0.0 || !tol.differs,
+            "{what}: forward identical to the reference"
         );
         let r = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
         let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap();
@@ -316,7 +394,7 @@ mod tests {
             assert_eq!(a.dims(), b.dims(), "{what}: {name} gradient shape");
             let d = max_diff(a, b);
             assert!(
-                d < 1e-4 * scale(b).max(1.0),
+                d < tol.rel * scale(b).max(1.0),
                 "{what}: {name} gradient off by {d}"
             );
         }
@@ -330,6 +408,7 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let largest = grad.iter().fold(0f32, |m, g| m.max(g.abs()));
             for idx in [0, base.len() / 3, base.len() - 1] {
                 let at = |delta: f32| {
                     let mut p = base.clone();
@@ -341,10 +420,11 @@ mod tests {
                         .unwrap();
                     l
                 };
-                let eps = 1e-2;
+                let eps = tol.eps;
                 let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                 assert!(
-                    (numeric - grad[idx]).abs() < 2e-2 * numeric.abs().max(1.0),
+                    (numeric - grad[idx]).abs()
+                        < tol.fd_rel * numeric.abs().max(1.0) + tol.fd_abs * largest,
                     "{what}: {name}[{idx}] analytic {} vs numeric {numeric}",
                     grad[idx]
                 );
@@ -413,6 +493,77 @@ mod tests {
                 [&wt, &bias],
                 &format!("deconv k{k} s{s} {b}x{c_in}x{h}x{w}"),
             );
+        }
+    }
+
+    /// The bf16 kernels this CPU runs: the emulation always, AVX512-BF16 where present.
+    fn bf16_precisions() -> Vec<Precision> {
+        let mut out = vec![Precision::Bf16Emulated];
+        if Precision::bf16_supported() {
+            out.push(Precision::Bf16);
+        } else {
+            eprintln!("AVX512-BF16 kernel not tested: this CPU has no AVX512-BF16");
+        }
+        out
+    }
+
+    #[test]
+    fn bf16_convolution_gradients_follow_f32() {
+        // At least 16 output and input channels, so the forward product, the weight gradient
+        // and the input gradient (the adjoint's forward) all take the bf16 kernel; odd
+        // reduction sizes (17 channels x 25 taps), odd pixel counts and tile edges.
+        for p in bf16_precisions() {
+            for &(k, s, c_in, c_out, b, h, w) in &[
+                (5, 2, 17, 19, 2, 13, 11),
+                (3, 1, 16, 21, 1, 9, 7),
+                (5, 2, 3, 20, 3, 8, 10),
+            ] {
+                let varmap = candle_nn::VarMap::new();
+                let vb = crate::init::seeded_var_builder(&varmap, 14, DType::F32, &Device::Cpu);
+                let conv = Conv2d::new(vb, c_in, c_out, k, s).unwrap();
+                let mut low = conv.clone();
+                low.set_precision(p).unwrap();
+                assert_eq!(low.precision(), p);
+                let (wt, bias) = (param(&varmap, "weight"), param(&varmap, "bias"));
+                let x = var(&[b, c_in, h, w], 1.0);
+                check_with(
+                    &|x| low.forward(x).unwrap(),
+                    &|x| conv.forward(x).unwrap(),
+                    &x,
+                    [&wt, &bias],
+                    &format!("{p} conv k{k} s{s} {b}x{c_in}x{h}x{w} -> {c_out}"),
+                    &BF16,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_transposed_convolution_gradients_follow_f32() {
+        for p in bf16_precisions() {
+            // 24 -> 3: the forward and weight products (3 rows) stay f32, the input gradient
+            // (24 rows) is bf16.
+            for &(k, s, c_in, c_out, b, h, w) in &[(5, 2, 19, 17, 2, 7, 9), (5, 2, 24, 3, 1, 6, 5)]
+            {
+                let varmap = candle_nn::VarMap::new();
+                let vb = crate::init::seeded_var_builder(&varmap, 15, DType::F32, &Device::Cpu);
+                let deconv = ConvTranspose2d::new(vb, c_in, c_out, k, s).unwrap();
+                let mut low = deconv.clone();
+                low.set_precision(p).unwrap();
+                let (wt, bias) = (param(&varmap, "weight"), param(&varmap, "bias"));
+                let x = var(&[b, c_in, h, w], 1.0);
+                check_with(
+                    &|x| low.forward(x).unwrap(),
+                    &|x| deconv.forward(x).unwrap(),
+                    &x,
+                    [&wt, &bias],
+                    &format!("{p} deconv k{k} s{s} {b}x{c_in}x{h}x{w} -> {c_out}"),
+                    &Tolerance {
+                        differs: c_out >= 16,
+                        ..BF16
+                    },
+                );
+            }
         }
     }
 
