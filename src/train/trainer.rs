@@ -140,9 +140,10 @@ pub struct ShieldConfig {
     #[serde(default)]
     pub augment: Option<AugmentConfig>,
     /// Weight of the periodic-artefact penalty (0, the default, leaves it out):
-    /// `255²·P₁₆(x_shielded − x_full)`, the mean energy of the shield's change to the image on
-    /// the harmonics of the 16-pixel synthesis period ([`super::purify::periodic_energy`]), so
-    /// the shield cannot hide in a regular grid that people see.
+    /// `P₁₆(d) / (mean(d²) + 10⁻⁵)` with `d = x_shielded − x_full`, the share of the shield's
+    /// change to the image that lies on the harmonics of the 16-pixel synthesis period
+    /// ([`super::purify::periodic_energy`]), so the shield cannot hide in a regular grid that
+    /// people see. A share rather than an energy, so it cannot be paid by shrinking the shield.
     #[serde(default)]
     pub lambda_periodic: f64,
     /// Weight of the intermediate-feature term (0, the default, leaves it out): the mean cosine
@@ -358,7 +359,7 @@ pub struct StepStats {
     /// Semantic-fidelity term of the full decode (when `lambda_keep > 0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<f32>,
-    /// Periodic-artefact penalty, `255²·P₁₆(x_shielded − x_full)` (when `lambda_periodic > 0`).
+    /// Periodic share of the shield's change to the image (when `lambda_periodic > 0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub periodic: Option<f32>,
     /// Mean cosine similarity of the target's intermediate features, shielded against original
@@ -797,8 +798,11 @@ impl Trainer {
         };
         let mut loss = (distortion + (shield_loss * shield.lambda_shield)?)?;
         let periodic = if shield.lambda_periodic > 0.0 {
+            // A share, not an energy: a penalty on the energy alone is cheapest to pay by
+            // shrinking the whole shield (a first run lost it in 50 steps that way).
             let change = (&x_sh - x_full.detach())?;
-            let p = (super::purify::periodic_energy(&change, 16)? * (255.0 * 255.0))?;
+            let total = (change.sqr()?.mean_all()? + 1e-5)?;
+            let p = (super::purify::periodic_energy(&change, 16)? / total)?;
             loss = (loss + (&p * shield.lambda_periodic)?)?;
             Some(p)
         } else {
