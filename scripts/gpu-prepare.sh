@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares the git-ignored gpu-carry/ that scripts/gpu-train.sh expects on a lent GPU machine
-# (docs/TRAINING.md, "GPU"): the psic example built with CUDA (no embedded model), stripped and
+# (docs/TRAINING.md, "GPU"): the psic binary built with CUDA (no embedded model), stripped and
 # xz'd; a copy of the training photos; an f16 copy of EfficientNet-Lite0 (half the bytes).
 # Needs ../shared (data, models, the CUDA toolchain recipe in ../shared/gpu) and python3 + numpy.
 # Usage: bash scripts/gpu-prepare.sh   (CARGO_TARGET_DIR defaults to /work/cuda-target)
@@ -11,9 +11,9 @@ target=${CARGO_TARGET_DIR:-/work/cuda-target}
 [ -d "$HOME/.cache/psic-cuda" ] || bash "$shared/gpu/setup_cuda.sh"
 # shellcheck disable=SC1091
 source "$shared/gpu/env.sh"
-CARGO_TARGET_DIR=$target cargo build --release --no-default-features --features cuda --example psic
+CARGO_TARGET_DIR=$target cargo build --release --no-default-features --features cuda,cli,train --bin psic
 mkdir -p gpu-carry
-strip -o /tmp/psic-cuda "$target/release/examples/psic"
+strip -o /tmp/psic-cuda "$target/release/psic"
 xz -T2 -6 -c /tmp/psic-cuda > gpu-carry/psic.xz && rm /tmp/psic-cuda
 rm -rf gpu-carry/imagenet-val256 && cp -r "$shared/data/imagenet-val256" gpu-carry/
 python3 - "$shared/models/efficientnet-lite0.safetensors" gpu-carry/efficientnet-lite0.safetensors <<'PY'

@@ -3,9 +3,9 @@
 # "GPU").
 #
 # Expects, in the repository root on the GPU machine (scripts/gpu-prepare.sh makes them):
-#   gpu-carry/psic.xz                   the example binary built with --features cuda (xz'd):
+#   gpu-carry/psic.xz                   the psic binary built with --features cuda (xz'd):
 #     source ../shared/gpu/env.sh && CARGO_TARGET_DIR=/work/cuda-target cargo build --release \
-#       --no-default-features --features cuda --example psic
+#       --no-default-features --features cuda,cli,train --bin psic
 #     (no embedded default model: 7 MB instead of 14 MB xz'd), then strip and `xz -6`
 #   gpu-carry/imagenet-val256/          the photos and labels.json
 #   gpu-carry/efficientnet-lite0.safetensors

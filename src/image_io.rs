@@ -85,9 +85,21 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
 pub fn load_image_limited(path: impl AsRef<Path>, max_pixels: u64) -> Result<RgbImage> {
     let path = path.as_ref();
     let bytes = read_limited(path, image_file_limit(max_pixels))?;
+    decode_image_limited(&bytes, max_pixels, path)
+}
+
+/// [`load_image_limited`] on an image file already in memory (read from standard input, say,
+/// with [`read_limited_from`] up to [`image_file_limit`] bytes): the same checks, with `path`
+/// naming the source in errors.
+pub fn decode_image_limited(
+    bytes: &[u8],
+    max_pixels: u64,
+    path: impl AsRef<Path>,
+) -> Result<RgbImage> {
+    let path = path.as_ref();
     let bad = |e: &dyn std::fmt::Display| Error::Image(format!("{}: {e}", path.display()));
     let reader = || {
-        let mut r = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+        let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| bad(&e))?;
         let mut limits = image::Limits::default();

@@ -29,12 +29,14 @@
 //! | `eval` | `eval`, `baseline`, `plot`, `data` | `jpeg-encoder` |
 //! | `clip` | the CLIP target, its BPE tokenizer and text repair | `candle-transformers`, `regex`, `flate2`, `unicode-normalization-alignments` |
 //! | `efficientnet-lite` | the EfficientNet-Lite target alone (part of `train`) | – |
+//! | `cli` | the `psic` command-line binary (`cargo install --path .`) | `clap` |
 //! | `cuda`, `metal` | candle's GPU back ends | |
 //! | `ryg-rans` | the `rans` crate (ryg_rans in C) as a cross-check coder | `rans` (needs libclang) |
 //!
-//! All of them but the last three are on by default. A program that only encodes and decodes
-//! compiles the codec core with `default-features = false, features = ["default-model"]`
-//! (or without `default-model`, reading its model files from disk).
+//! On by default: `default-model`, `train`, `eval`, `clip` and `cli` (`efficientnet-lite`
+//! through `train`). A program that only encodes and decodes compiles the codec core with
+//! `default-features = false, features = ["default-model"]` (or without `default-model`,
+//! reading its model files from disk).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // The MSRV is 1.89 for the AVX-512 intrinsics of the bf16 kernel; the `x % n != 0` tests

@@ -1,24 +1,18 @@
-//! The `psic` command-line example: its flags are a contract, its errors one line and a non-zero
-//! exit code, and it never leaves a half-written output.
+//! The `psic` command line (the binary of feature `cli`): its flags are a contract, usage errors
+//! exit with code 2 (clap's message), failures with code 1 and one line `error: ...`, and it
+//! never leaves a half-written output.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use candle_core::Device;
 use psic::backbone::ScaleHyperpriorConfig;
 use psic::model::Architecture;
 use psic::ModelFile;
 
-/// The example binary built next to this test (cargo builds examples for `cargo test`).
+/// The `psic` binary (cargo builds it for this test).
 fn psic_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("examples").join("psic");
-    if bin.exists() {
-        Some(bin)
-    } else {
-        eprintln!("skipped: example binary not found at {}", bin.display());
-        None
-    }
+    Some(PathBuf::from(env!("CARGO_BIN_EXE_psic")))
 }
 
 fn run(bin: &Path, args: &[&str]) -> Output {
@@ -155,18 +149,15 @@ fn encode_decode_info_and_errors() {
                 "-i".into(),
                 p("s.psic"),
                 "-o".into(),
-                p("x.png"),
-                "--condition".into(),
-                "abc".into(),
+                p("x.bmp"),
             ],
-            "not a number",
+            "use .png, .jpg or .jpeg",
         ),
-        (vec!["frobnicate".into()], "usage"),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = run(&bin, &args);
-        assert!(!o.status.success(), "{args:?} succeeded");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         let e = stderr(&o);
         assert!(
             e.starts_with("error: ") && e.contains(needle),
@@ -175,6 +166,182 @@ fn encode_decode_info_and_errors() {
         assert!(!e.contains("panicked"), "{args:?} panicked: {e}");
     }
     assert!(!Path::new(&p("x.png")).exists() && !Path::new(&p("x.psic")).exists());
+    assert!(!Path::new(&p("x.bmp")).exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The subcommands of this build.
+fn subcommands() -> Vec<&'static str> {
+    let mut all = vec![
+        "shield", "encode", "decode", "info", "convert", "export", "bench", "train", "psnr",
+        "classify",
+    ];
+    if cfg!(feature = "eval") {
+        all.extend(["eval", "tradeoff"]);
+    }
+    all
+}
+
+#[test]
+fn help_version_and_usage_errors() {
+    let Some(bin) = psic_bin() else { return };
+    let o = run(&bin, &["--version"]);
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("psic {}", env!("CARGO_PKG_VERSION"))
+    );
+    let o = run(&bin, &["--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&o.stdout).into_owned();
+    for cmd in subcommands() {
+        assert!(
+            help.contains(&format!("  {cmd} ")),
+            "{cmd} missing from --help:\n{help}"
+        );
+        let o = run(&bin, &[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: psic"));
+    }
+    // Usage errors: clap's message on stderr, exit code 2, nothing run.
+    let usage_errors: [&[&str]; 6] = [
+        &[],
+        &["frobnicate"],
+        &["encode", "--bogus"],
+        &["decode", "-i", "a.psic"],
+        &[
+            "decode",
+            "-i",
+            "a.psic",
+            "-o",
+            "b.png",
+            "--condition",
+            "abc",
+        ],
+        &[
+            "decode",
+            "-i",
+            "a.psic",
+            "-o",
+            "b.png",
+            "--full",
+            "--condition",
+            "0.5",
+        ],
+    ];
+    for args in usage_errors {
+        let o = run(&bin, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("error: ") || args.is_empty(),
+            "{args:?}"
+        );
+        assert!(!stderr(&o).contains("panicked"));
+    }
+}
+
+/// `-o x.jpg` writes a JPEG (it wrote PNG bytes), `-o x.png` a PNG, and `-` reads standard input
+/// and writes standard output: an encode | decode pipe gives the same image as the files.
+#[test]
+fn jpeg_output_and_stdin_stdout_pipes() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-pipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
+    ModelFile::initialize(arch, 5, &Device::Cpu)
+        .unwrap()
+        .save(p("m.safetensors"))
+        .unwrap();
+    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+    img.save(p("in.png")).unwrap();
+    let model = p("m.safetensors");
+    let o = run(
+        &bin,
+        &[
+            "encode",
+            "-m",
+            &model,
+            "-i",
+            &p("in.png"),
+            "-o",
+            &p("s.psic"),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (name, magic) in [
+        ("x.jpg", &[0xFF, 0xD8, 0xFF][..]),
+        ("x.JPEG", &[0xFF, 0xD8, 0xFF][..]),
+        ("x.png", &b"\x89PNG"[..]),
+    ] {
+        let o = run(
+            &bin,
+            &[
+                "-q",
+                "decode",
+                "-m",
+                &model,
+                "-i",
+                &p("s.psic"),
+                "-o",
+                &p(name),
+            ],
+        );
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(
+            o.stdout.is_empty() && o.stderr.is_empty(),
+            "--quiet printed"
+        );
+        let bytes = std::fs::read(p(name)).unwrap();
+        assert!(
+            bytes.starts_with(magic),
+            "{name} starts with {:02x?}",
+            &bytes[..4]
+        );
+        assert_eq!(
+            image::open(p(name)).unwrap().to_rgb8().dimensions(),
+            (70, 45)
+        );
+    }
+    // encode -i - -o - | decode -i - -o -
+    let piped = |args: &[&str], input: Vec<u8>| -> Output {
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run psic");
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    };
+    let o = piped(
+        &["encode", "-m", &model, "-i", "-", "-o", "-"],
+        std::fs::read(p("in.png")).unwrap(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, std::fs::read(p("s.psic")).unwrap());
+    // Status lines go to stderr when stdout carries the stream.
+    assert!(stderr(&o).contains("bpp"));
+    let o = piped(&["decode", "-m", &model, "-i", "-", "-o", "-"], o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_pipe = image::load_from_memory(&o.stdout).unwrap().to_rgb8();
+    assert_eq!(from_pipe, image::open(p("x.png")).unwrap().to_rgb8());
+    let o = piped(&["info", "-i", "-"], std::fs::read(p("s.psic")).unwrap());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("70x45"));
+    // Garbage on stdin: a one-line error, exit code 1.
+    let o = piped(
+        &["decode", "-m", &model, "-i", "-", "-o", "-"],
+        vec![7; 100],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).starts_with("error: ") && o.stdout.is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
 
