@@ -1,10 +1,12 @@
-//! The psic bitstream container (version 1). `docs/FORMAT.md` is the normative description.
+//! The psic bitstream container (versions 1 and 2). `docs/FORMAT.md` is the normative
+//! description.
 //!
 //! ```text
 //! offset size  field
 //!  0     4     magic "PSIC"
-//!  4     2     format version (u16 LE) = 1
-//!  6     2     flags (u16 LE), must be 0 in version 1
+//!  4     2     format version (u16 LE): 1 (float entropy path) or 2
+//!  6     2     version 1: flags (u16 LE), must be 0
+//!              version 2: entropy path (u8: 0 float, 1 portable), then flags (u8), must be 0
 //!  8     16    model fingerprint (first 16 bytes of the model's SHA-256)
 //! 24     4+4   original width, height (u32 LE)
 //! 32     2+2   padding added on the right, at the bottom (u16 LE)
@@ -19,8 +21,10 @@ use crate::{Error, Result};
 
 /// The four magic bytes that open every psic stream.
 pub const MAGIC: [u8; 4] = *b"PSIC";
-/// The format version this build writes and the newest it reads.
-pub const VERSION: u16 = 1;
+/// The newest format version this build reads and writes. Streams on the float entropy path
+/// are still written as version 1 (byte for byte what earlier builds wrote); streams on the
+/// portable path are version 2.
+pub const VERSION: u16 = 2;
 /// Length of a model fingerprint in bytes.
 pub const FINGERPRINT_LEN: usize = 16;
 /// Largest accepted image side, to bound allocations on hostile input.
@@ -35,6 +39,40 @@ const HEADER_LEN: usize = 61;
 
 /// Identifies the model that wrote a stream; a decoder refuses streams from other models.
 pub type Fingerprint = [u8; FINGERPRINT_LEN];
+
+/// How the table index of every `y` symbol was computed from `z_hat`: the decoder must compute
+/// it the same way, or it decodes garbage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntropyPath {
+    /// The backbone's float hyper-synthesis on the decoder's own kernels, then CompressAI's
+    /// `build_indexes`: what CompressAI itself does, and byte-compatible with it. Not portable:
+    /// another kernel path, thread count or device sums in another order, and a scale within
+    /// rounding of a table threshold can pick another table. Every version-1 stream.
+    Float,
+    /// Version 1 of the portable path: the hyper-synthesis in fixed-order f64 arithmetic
+    /// ([`PortableHyperSynthesis`](crate::backbone::PortableHyperSynthesis)), the same bit for
+    /// bit everywhere. Version-2 streams with entropy path byte 1.
+    Portable,
+}
+
+impl EntropyPath {
+    /// The entropy path byte of a version-2 header.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Float => 0,
+            Self::Portable => 1,
+        }
+    }
+
+    /// The path of a version-2 entropy path byte; `None` for codes this build does not know.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Self::Float),
+            1 => Some(Self::Portable),
+            _ => None,
+        }
+    }
+}
 
 /// Everything a psic stream holds, parsed and checked for internal consistency.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +91,8 @@ pub struct Bitstream {
     pub y_shape: [u32; 3],
     /// Shape `[C, H, W]` of the hyper-latent `z`.
     pub z_shape: [u32; 3],
+    /// How the `y` table indexes were computed (version 1: always [`EntropyPath::Float`]).
+    pub entropy_path: EntropyPath,
     /// The entropy-coded strings (for the hyperprior: `y` then `z`).
     pub strings: Vec<Vec<u8>>,
 }
@@ -105,8 +145,17 @@ impl Bitstream {
         let body: usize = self.strings.iter().map(|s| 4 + s.len()).sum();
         let mut out = Vec::with_capacity(HEADER_LEN + body + 4);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        match self.entropy_path {
+            // Exactly the version-1 header of earlier builds.
+            EntropyPath::Float => {
+                out.extend_from_slice(&1u16.to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes());
+            }
+            path => {
+                out.extend_from_slice(&2u16.to_le_bytes());
+                out.extend_from_slice(&[path.code(), 0]);
+            }
+        }
         out.extend_from_slice(&self.fingerprint);
         out.extend_from_slice(&self.width.to_le_bytes());
         out.extend_from_slice(&self.height.to_le_bytes());
@@ -162,9 +211,23 @@ impl Bitstream {
             data: payload,
             pos: 6,
         };
-        if r.u16()? != 0 {
-            return Err(Error::Bitstream("unknown flags set in header".into()));
-        }
+        let entropy_path = if version == 1 {
+            if r.u16()? != 0 {
+                return Err(Error::Bitstream("unknown flags set in header".into()));
+            }
+            EntropyPath::Float
+        } else {
+            let b = r.take(2)?;
+            if b[1] != 0 {
+                return Err(Error::Bitstream("unknown flags set in header".into()));
+            }
+            EntropyPath::from_code(b[0]).ok_or_else(|| {
+                Error::Bitstream(format!(
+                    "unknown entropy path {} (this build knows 0 and 1)",
+                    b[0]
+                ))
+            })?
+        };
         let fingerprint: Fingerprint = r.take(FINGERPRINT_LEN)?.try_into().expect("16 bytes");
         let (width, height) = (r.u32()?, r.u32()?);
         let (pad_right, pad_bottom) = (r.u16()?, r.u16()?);
@@ -199,6 +262,7 @@ impl Bitstream {
             pad_bottom,
             y_shape,
             z_shape,
+            entropy_path,
             strings,
         })
     }
@@ -217,6 +281,7 @@ mod tests {
             pad_bottom: 4,
             y_shape: [8, 4, 8],
             z_shape: [4, 1, 2],
+            entropy_path: EntropyPath::Portable,
             strings: vec![vec![1, 2, 3, 4], vec![9; 8]],
         }
     }
@@ -225,6 +290,34 @@ mod tests {
     fn round_trip() {
         let b = sample();
         assert_eq!(Bitstream::from_bytes(&b.to_bytes().unwrap()).unwrap(), b);
+        let float = Bitstream {
+            entropy_path: EntropyPath::Float,
+            ..sample()
+        };
+        let bytes = float.to_bytes().unwrap();
+        // The float path keeps the version-1 header of earlier builds.
+        assert_eq!(&bytes[4..8], &[1, 0, 0, 0]);
+        assert_eq!(Bitstream::from_bytes(&bytes).unwrap(), float);
+    }
+
+    #[test]
+    fn version_2_header_fields() {
+        let bytes = sample().to_bytes().unwrap();
+        assert_eq!(&bytes[4..8], &[2, 0, 1, 0]);
+        let with = |i: usize, v: u8| {
+            let mut c = bytes.clone();
+            c[i] = v;
+            let n = c.len() - 4;
+            let crc = crc32fast::hash(&c[..n]);
+            c[n..].copy_from_slice(&crc.to_le_bytes());
+            Bitstream::from_bytes(&c)
+        };
+        assert_eq!(with(6, 0).unwrap().entropy_path, EntropyPath::Float);
+        assert!(matches!(with(6, 2), Err(Error::Bitstream(m)) if m.contains("entropy path 2")));
+        assert!(matches!(with(7, 1), Err(Error::Bitstream(m)) if m.contains("flags")));
+        // A version-1 header has no entropy path byte: any non-zero flags are refused.
+        let mut v1 = with(4, 1);
+        assert!(matches!(v1.as_mut(), Err(Error::Bitstream(m)) if m.contains("flags")));
     }
 
     #[test]
@@ -243,10 +336,10 @@ mod tests {
     #[test]
     fn newer_version_is_a_typed_error() {
         let mut bytes = sample().to_bytes().unwrap();
-        bytes[4] = 2;
+        bytes[4] = 3;
         assert!(matches!(
             Bitstream::from_bytes(&bytes),
-            Err(Error::UnsupportedVersion { found: 2, .. })
+            Err(Error::UnsupportedVersion { found: 3, .. })
         ));
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::backbone::{LicBackbone, Triggers};
-use crate::bitstream::{fingerprint_hex, Bitstream, Fingerprint, MAX_SIDE};
+use crate::bitstream::{fingerprint_hex, Bitstream, EntropyPath, Fingerprint, MAX_SIDE};
 use crate::entropy::{EntropyCoder, RansCoder};
 use crate::image_io::{image_to_tensor, pad_to_multiple, tensor_to_image};
 use crate::model::ModelFile;
@@ -26,6 +26,7 @@ pub struct Codec {
     fingerprint: Fingerprint,
     coder: Box<dyn EntropyCoder + Send + Sync>,
     max_pixels: u64,
+    entropy_path: EntropyPath,
 }
 
 /// Default limit on the pixels of an image to encode or a stream to decode (16.8 MP, e.g.
@@ -50,6 +51,7 @@ impl std::fmt::Debug for Codec {
             .field("config", &self.backbone.config_json())
             .field("fingerprint", &fingerprint_hex(&self.fingerprint))
             .field("conditions", &self.conditions())
+            .field("entropy_path", &self.entropy_path)
             .finish()
     }
 }
@@ -132,7 +134,58 @@ impl Codec {
             fingerprint,
             coder: Box::new(RansCoder),
             max_pixels: DEFAULT_MAX_PIXELS,
+            entropy_path: EntropyPath::Portable,
         }
+    }
+
+    /// Sets the entropy path of the streams this codec writes (decoding always follows the
+    /// stream's own). The default, [`EntropyPath::Portable`], decodes the same on every device,
+    /// thread count and kernel path; [`EntropyPath::Float`] gives CompressAI-compatible
+    /// streams (the table indexes CompressAI's own code computes, version-1 headers) that only
+    /// decode reliably on the same kernels. A backbone without a portable hyper-synthesis
+    /// ([`LicBackbone::hyper_synthesis_portable`]) always writes float streams.
+    pub fn with_entropy_path(mut self, path: EntropyPath) -> Self {
+        self.entropy_path = path;
+        self
+    }
+
+    /// The entropy path of the streams this codec writes (see
+    /// [`with_entropy_path`](Self::with_entropy_path)).
+    pub fn entropy_path(&self) -> EntropyPath {
+        self.entropy_path
+    }
+
+    /// The `y` table indexes and means from `z_hat` on `path`, and the path actually taken (a
+    /// backbone without a portable hyper-synthesis falls back to the float path when encoding).
+    fn entropy_params(
+        &self,
+        z_hat: &Tensor,
+        path: EntropyPath,
+        decoding: bool,
+    ) -> Result<(Vec<i32>, Option<Tensor>, EntropyPath)> {
+        let b = self.backbone.as_ref();
+        let gc = b.gaussian_conditional();
+        if path == EntropyPath::Portable {
+            match b.hyper_synthesis_portable(z_hat)? {
+                Some(p) => {
+                    let means = p
+                        .means
+                        .map(|m| Tensor::from_vec(m, p.shape, b.device()))
+                        .transpose()?;
+                    return Ok((gc.indexes_of(&p.scales), means, path));
+                }
+                None if decoding => {
+                    return Err(Error::Bitstream(format!(
+                        "the stream uses the portable entropy path, which backbone {} lacks",
+                        b.architecture()
+                    )))
+                }
+                None => {}
+            }
+        }
+        let params = b.hyper_synthesis(z_hat)?;
+        let indexes = gc.build_indexes(&params.scales)?;
+        Ok((indexes, params.means, EntropyPath::Float))
     }
 
     /// Sets the precision of the analysis and synthesis convolutions on the CPU
@@ -231,10 +284,10 @@ impl Codec {
         let eb = b.entropy_bottleneck();
         let z_strings = eb.compress(&z, self.coder.as_ref())?;
         let z_hat = eb.quantize(&z)?;
-        let params = b.hyper_synthesis(&z_hat)?;
+        let (indexes, means, entropy_path) =
+            self.entropy_params(&z_hat, self.entropy_path, false)?;
         let gc = b.gaussian_conditional();
-        let indexes = gc.build_indexes(&params.scales)?;
-        let y_strings = gc.compress(&y, &indexes, params.means.as_ref(), self.coder.as_ref())?;
+        let y_strings = gc.compress(&y, &indexes, means.as_ref(), self.coder.as_ref())?;
         let shape3 = |t: &Tensor| -> Result<[u32; 3]> {
             let (_, c, h, w) = t.dims4()?;
             Ok([c as u32, h as u32, w as u32])
@@ -247,6 +300,7 @@ impl Codec {
             pad_bottom: pad_h as u16,
             y_shape: shape3(&y)?,
             z_shape: shape3(&z)?,
+            entropy_path,
             strings: vec![
                 y_strings.into_iter().next().unwrap_or_default(),
                 z_strings.into_iter().next().unwrap_or_default(),
@@ -307,14 +361,13 @@ impl Codec {
         let z_hat = b
             .entropy_bottleneck()
             .decompress(&[&stream.strings[1]], (zh, zw), coder)?;
-        let params = b.hyper_synthesis(&z_hat)?;
+        let (indexes, means, _) = self.entropy_params(&z_hat, stream.entropy_path, true)?;
         let gc = b.gaussian_conditional();
-        let indexes = gc.build_indexes(&params.scales)?;
         let y_hat = gc.decompress(
             &[&stream.strings[0]],
             &indexes,
             (1, c, yh, yw),
-            params.means.as_ref(),
+            means.as_ref(),
             coder,
             b.device(),
         )?;

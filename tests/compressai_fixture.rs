@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use psic::bitstream::Bitstream;
+use psic::bitstream::{Bitstream, EntropyPath};
 use psic::{Codec, ModelFile, Precision};
 
 struct Fixture {
@@ -86,17 +86,63 @@ fn symbols_and_indexes_match_compressai() {
         gc.symbols(&f.refs["y"], None).unwrap(),
         i32s(&f.refs["y_symbols"])
     );
+    // The portable entropy path picks CompressAI's tables too (for this image: its scales differ
+    // from PyTorch's in the last bits, but none crosses a table threshold).
+    let portable = b
+        .hyper_synthesis_portable(&f.refs["z_hat"])
+        .unwrap()
+        .expect("the hyperprior has a portable h_s");
+    let reference = f32s(&f.refs["scales_hat"]);
+    let differing = portable
+        .scales
+        .iter()
+        .zip(&reference)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    eprintln!(
+        "portable scales: {differing} of {} differ from CompressAI's in some bit, max relative \
+         difference {:e}",
+        reference.len(),
+        max_rel_diff(&portable.scales, &reference)
+    );
+    assert_eq!(gc.indexes_of(&portable.scales), i32s(&f.refs["y_indexes"]));
 }
 
 #[test]
 fn encoded_strings_are_byte_identical_to_compressai() {
     let Some(f) = fixture() else { return };
-    let bytes = f.codec.encode(&f.image).unwrap();
-    let stream = Bitstream::from_bytes(&bytes).unwrap();
-    assert_eq!(stream.strings[0].len(), f.y_string.len());
-    assert!(stream.strings[0] == f.y_string, "y string differs");
-    assert!(stream.strings[1] == f.z_string, "z string differs");
-    assert_eq!((stream.width, stream.height), (768, 512));
+    // Both entropy paths: the portable one (the default) and the float one (CompressAI's own).
+    let float = Codec::from_model_file(
+        &ModelFile::import(
+            fixture_dir("compressai")
+                .unwrap()
+                .join("hyperprior_128_192.safetensors"),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_entropy_path(EntropyPath::Float);
+    for (codec, path) in [
+        (&f.codec, EntropyPath::Portable),
+        (&float, EntropyPath::Float),
+    ] {
+        let bytes = codec.encode(&f.image).unwrap();
+        let stream = Bitstream::from_bytes(&bytes).unwrap();
+        assert_eq!(stream.entropy_path, path);
+        assert_eq!(stream.strings[0].len(), f.y_string.len());
+        assert!(
+            stream.strings[0] == f.y_string,
+            "y string differs ({path:?})"
+        );
+        assert!(
+            stream.strings[1] == f.z_string,
+            "z string differs ({path:?})"
+        );
+        assert_eq!((stream.width, stream.height), (768, 512));
+    }
 }
 
 #[test]
@@ -110,6 +156,7 @@ fn decodes_compressai_strings_exactly() {
         pad_bottom: 0,
         y_shape: [192, 32, 48],
         z_shape: [128, 8, 12],
+        entropy_path: EntropyPath::Float,
         strings: vec![f.y_string.clone(), f.z_string.clone()],
     };
     let latent = f.codec.decode_latent(&stream.to_bytes().unwrap()).unwrap();

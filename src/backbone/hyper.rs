@@ -4,6 +4,7 @@
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::portable::{PortableHyperSynthesis, PortableKind, PortableLayer, PortableParams};
 use super::GaussianParams;
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, ConvTranspose2d, Gdn};
@@ -18,6 +19,8 @@ pub(crate) struct HyperpriorCore {
     g_a: (Vec<Conv2d>, Vec<Gdn>),
     h_a: Vec<Conv2d>,
     h_s: (Vec<ConvTranspose2d>, Conv2d),
+    /// `h_s` on the portable entropy path (same weights, fixed-order f64 arithmetic).
+    h_s_portable: PortableHyperSynthesis,
     pub(crate) entropy_bottleneck: EntropyBottleneck,
     pub(crate) gaussian_conditional: GaussianConditional,
     pub(crate) device: Device,
@@ -39,20 +42,38 @@ impl HyperpriorCore {
         let g_a_gdns = (0..3)
             .map(|i| Gdn::new(vb.pp(format!("g_a.{}", 2 * i + 1)), n, false))
             .collect::<Result<Vec<_>>>()?;
+        let h_s = (
+            vec![
+                ConvTranspose2d::new(vb.pp("h_s.0"), n, n, 5, 2)?,
+                ConvTranspose2d::new(vb.pp("h_s.2"), n, n, 5, 2)?,
+            ],
+            Conv2d::new(vb.pp("h_s.4"), n, m, 3, 1)?,
+        );
+        // The tensors of `h_s` above, created first (with their initialisation, for a VarMap):
+        // a VarMap returns its existing variables.
+        let portable = |name: &str, kind, shape: (usize, usize, usize, usize), stride| {
+            let vb = vb.pp(name);
+            let o = match kind {
+                PortableKind::Conv => shape.0,
+                PortableKind::Transposed => shape.1,
+            };
+            PortableLayer::new(kind, &vb.get(shape, "weight")?, &vb.get(o, "bias")?, stride)
+        };
+        let (t, c) = (PortableKind::Transposed, PortableKind::Conv);
+        let h_s_portable = PortableHyperSynthesis::new(vec![
+            portable("h_s.0", t, (n, n, 5, 5), 2)?,
+            portable("h_s.2", t, (n, n, 5, 5), 2)?,
+            portable("h_s.4", c, (m, n, 3, 3), 1)?,
+        ])?;
         Ok(Self {
+            h_s_portable,
             g_a: (g_a_convs, g_a_gdns),
             h_a: vec![
                 Conv2d::new(vb.pp("h_a.0"), m, n, 3, 1)?,
                 Conv2d::new(vb.pp("h_a.2"), n, n, 5, 2)?,
                 Conv2d::new(vb.pp("h_a.4"), n, n, 5, 2)?,
             ],
-            h_s: (
-                vec![
-                    ConvTranspose2d::new(vb.pp("h_s.0"), n, n, 5, 2)?,
-                    ConvTranspose2d::new(vb.pp("h_s.2"), n, n, 5, 2)?,
-                ],
-                Conv2d::new(vb.pp("h_s.4"), n, m, 3, 1)?,
-            ),
+            h_s,
             entropy_bottleneck: EntropyBottleneck::new(vb.pp("entropy_bottleneck"), n)?,
             gaussian_conditional: GaussianConditional::new(vb.pp("gaussian_conditional"))?,
             device: vb.device().clone(),
@@ -125,6 +146,11 @@ impl HyperpriorCore {
             }
         }
         Ok(h)
+    }
+
+    /// `h_s` on the portable entropy path: the scales, bit-exact on every device and kernel.
+    pub(crate) fn hyper_synthesis_portable(&self, z_hat: &Tensor) -> Result<PortableParams> {
+        self.h_s_portable.forward(z_hat)
     }
 
     /// `h_s`, calling `visit` with the output of each of its 6 layers (the last is the scales).

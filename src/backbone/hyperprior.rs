@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::hyper::HyperpriorCore;
-use super::{GaussianParams, LicBackbone, Triggers};
+use super::{GaussianParams, LicBackbone, PortableParams, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{ConvTranspose2d, Gdn};
 use crate::{Precision, Result};
@@ -105,6 +105,10 @@ impl LicBackbone for ScaleHyperprior {
 
     fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams> {
         self.core.hyper_synthesis_with(z_hat, &mut |_| {})
+    }
+
+    fn hyper_synthesis_portable(&self, z_hat: &Tensor) -> Result<Option<PortableParams>> {
+        self.core.hyper_synthesis_portable(z_hat).map(Some)
     }
 
     fn injection_points(&self) -> Vec<usize> {

@@ -17,10 +17,12 @@
 
 mod hyper;
 mod hyperprior;
+mod portable;
 mod psic_hy2018;
 mod registry;
 
 pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
+pub use portable::{PortableHyperSynthesis, PortableKind, PortableLayer, PortableParams};
 pub use psic_hy2018::{PsicHy2018, PsicHy2018Config, PSIC_HY2018};
 pub(crate) use registry::{factories, factory};
 pub use registry::{
@@ -106,6 +108,15 @@ pub trait LicBackbone: Send + Sync + std::fmt::Debug {
     fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor>;
     /// Hyper synthesis `h_s`: quantised hyper-latent to the Gaussian parameters of `y`.
     fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams>;
+    /// The same hyper-synthesis computed bit-exactly ([`PortableHyperSynthesis`]): identical
+    /// values on every device, thread count and kernel path, for the portable entropy path
+    /// ([`EntropyPath::Portable`](crate::bitstream::EntropyPath::Portable)). `Ok(None)`, the
+    /// default, when the backbone has no such form: its codec then writes streams on the float
+    /// path.
+    fn hyper_synthesis_portable(&self, z_hat: &Tensor) -> Result<Option<PortableParams>> {
+        let _ = z_hat;
+        Ok(None)
+    }
     /// Widths of the synthesis transform's injection points, in the order they are applied.
     fn injection_points(&self) -> Vec<usize>;
     /// Synthesis transform `g_s`: quantised latent to image (not clamped), with optional

@@ -223,11 +223,17 @@ impl GaussianConditional {
     /// Table index for every scale: the smallest table scale `>=` it (CompressAI's
     /// `build_indexes`), after bounding scales below at 0.11.
     pub fn build_indexes(&self, scales: &Tensor) -> Result<Vec<i32>> {
+        Ok(self.indexes_of(&tensor_to_f32(scales)?))
+    }
+
+    /// [`build_indexes`](Self::build_indexes) of scales already on the CPU (the portable entropy
+    /// path's): a pure function of the f32 values, the same on every machine.
+    pub fn indexes_of(&self, scales: &[f32]) -> Vec<i32> {
         let last = self.scale_table.len() as i32 - 1;
         let thresholds = &self.scale_table[..self.scale_table.len() - 1];
-        Ok(tensor_to_f32(scales)?
-            .into_iter()
-            .map(|s| {
+        scales
+            .iter()
+            .map(|&s| {
                 let s = s.max(SCALE_BOUND);
                 // NaN scales (a broken model) map to the widest table instead of panicking.
                 if s.is_nan() {
@@ -235,7 +241,7 @@ impl GaussianConditional {
                 }
                 last - thresholds.iter().filter(|&&t| s <= t).count() as i32
             })
-            .collect())
+            .collect()
     }
 
     /// Likelihoods of `y_hat` under N(means, scales) convolved with U(-1/2, 1/2), lower-bounded
