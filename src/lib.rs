@@ -82,3 +82,8 @@ pub use error::{Error, Result};
 pub use image;
 pub use model::ModelFile;
 pub use precision::Precision;
+
+/// The README's Rust examples, compiled as doctests so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
