@@ -6,7 +6,7 @@
 //!  0     4     magic "PSIC"
 //!  4     2     format version (u16 LE): 1 (float entropy path) or 2
 //!  6     2     version 1: flags (u16 LE), must be 0
-//!              version 2: entropy path (u8: 0 float, 1 portable), then flags (u8), must be 0
+//!              version 2: entropy path (u8: 1 portable), then flags (u8), must be 0
 //!  8     16    model fingerprint (first 16 bytes of the model's SHA-256)
 //! 24     4+4   original width, height (u32 LE)
 //! 32     2+2   padding added on the right, at the bottom (u16 LE)
@@ -221,12 +221,17 @@ impl Bitstream {
             if b[1] != 0 {
                 return Err(Error::Bitstream("unknown flags set in header".into()));
             }
-            EntropyPath::from_code(b[0]).ok_or_else(|| {
-                Error::Bitstream(format!(
-                    "unknown entropy path {} (this build knows 0 and 1)",
-                    b[0]
-                ))
-            })?
+            // Float streams are always version 1, so every stream has one encoding.
+            match EntropyPath::from_code(b[0]) {
+                Some(EntropyPath::Float) | None => {
+                    return Err(Error::Bitstream(format!(
+                        "entropy path {} in a version-2 header (this build knows 1; float \
+                         streams are version 1)",
+                        b[0]
+                    )))
+                }
+                Some(path) => path,
+            }
         };
         let fingerprint: Fingerprint = r.take(FINGERPRINT_LEN)?.try_into().expect("16 bytes");
         let (width, height) = (r.u32()?, r.u32()?);
@@ -312,7 +317,9 @@ mod tests {
             c[n..].copy_from_slice(&crc.to_le_bytes());
             Bitstream::from_bytes(&c)
         };
-        assert_eq!(with(6, 0).unwrap().entropy_path, EntropyPath::Float);
+        // Found by tests/fuzz.rs: a version-2 header naming the float path parsed, and wrote back
+        // as version 1; float streams have one encoding, version 1.
+        assert!(matches!(with(6, 0), Err(Error::Bitstream(m)) if m.contains("entropy path 0")));
         assert!(matches!(with(6, 2), Err(Error::Bitstream(m)) if m.contains("entropy path 2")));
         assert!(matches!(with(7, 1), Err(Error::Bitstream(m)) if m.contains("flags")));
         // A version-1 header has no entropy path byte: any non-zero flags are refused.
