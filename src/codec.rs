@@ -8,7 +8,6 @@ use image::RgbImage;
 use crate::backbone::{LicBackbone, Triggers};
 use crate::bitstream::{fingerprint_hex, Bitstream, EntropyPath, Fingerprint, MAX_SIDE};
 use crate::entropy::{EntropyCoder, RansCoder};
-use crate::image_io::{image_to_tensor, pad_to_multiple, tensor_to_image};
 use crate::model::ModelFile;
 use crate::shield::{Condition, Conditions, TriggerGenerator};
 use crate::{Error, Precision, Result};
@@ -27,14 +26,15 @@ pub struct Codec {
     coder: Box<dyn EntropyCoder + Send + Sync>,
     max_pixels: u64,
     entropy_path: EntropyPath,
+    tile_pixels: u64,
 }
 
 /// Default limit on the pixels of an image to encode or a stream to decode (16.8 MP, e.g.
 /// 4096x4096): a hostile header cannot make the decoder allocate more than an image of this size
-/// needs. That is still gigabytes: the transforms work on the whole image, and the CLI with the
-/// default model peaked at 2.95 GB (encode) and 2.51 GB (decode) on a 4032x4160 photo, about 174
-/// and 138 bytes a pixel (`docs/FORMAT.md`, "Memory"). Lower it with
-/// [`Codec::with_max_pixels`] where that is too much, raise it for larger images.
+/// needs. Images over [`Codec::tile_pixels`] run their transforms in row strips, so the CLI with
+/// the default model peaked at 692 MB (encode) and 587 MB (decode) on a 4032x4160 photo
+/// (`docs/FORMAT.md`, "Memory"). Lower it with [`Codec::with_max_pixels`] where that is too
+/// much, raise it for larger images.
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 24;
 
 /// A trigger generator and the conditions its model was trained for.
@@ -135,6 +135,7 @@ impl Codec {
             coder: Box::new(RansCoder),
             max_pixels: DEFAULT_MAX_PIXELS,
             entropy_path: EntropyPath::Portable,
+            tile_pixels: crate::tiles::DEFAULT_TILE_PIXELS,
         }
     }
 
@@ -224,6 +225,24 @@ impl Codec {
         self.max_pixels
     }
 
+    /// Sets the most image pixels (padding included) the analysis and synthesis transforms
+    /// take in one pass: a larger image runs in row strips of at most this many pixels plus a
+    /// few rows of context each side, with the same result ([`crate::tiles`]); at least one
+    /// latent row a strip. The default, [`DEFAULT_TILE_PIXELS`](crate::tiles::DEFAULT_TILE_PIXELS)
+    /// (2^21), keeps a 16.8 MP encode or decode under 1 GB; `u64::MAX` always takes one pass.
+    /// Backbones that do not state their receptive field
+    /// ([`LicBackbone::analysis_halo`]) always take one pass.
+    pub fn with_tile_pixels(mut self, pixels: u64) -> Self {
+        self.tile_pixels = pixels;
+        self
+    }
+
+    /// The most image pixels the transforms take in one pass (see
+    /// [`with_tile_pixels`](Self::with_tile_pixels)).
+    pub fn tile_pixels(&self) -> u64 {
+        self.tile_pixels
+    }
+
     /// The longest stream this codec reads: 8 bytes for every latent symbol of the largest
     /// image it accepts ([`max_pixels`](Self::max_pixels)), plus 1 KiB for the container.
     ///
@@ -277,9 +296,10 @@ impl Codec {
         }
         self.check_pixels(w as u64, h as u64)?;
         let b = self.backbone.as_ref();
-        let x = image_to_tensor(img, b.device())?;
-        let (x, pad_w, pad_h) = pad_to_multiple(&x, b.alignment())?;
-        let y = b.analysis(&x)?;
+        let align = b.alignment() as u32;
+        let (pad_w, pad_h) = ((align - w % align) % align, (align - h % align) % align);
+        let padded = ((w + pad_w) as usize, (h + pad_h) as usize);
+        let y = crate::tiles::analyse(b, img, padded, self.tile_pixels)?;
         let z = b.hyper_analysis(&y)?;
         let eb = b.entropy_bottleneck();
         let z_strings = eb.compress(&z, self.coder.as_ref())?;
@@ -390,14 +410,18 @@ impl Codec {
     /// `[1, 3, H, W]` tensor cropped to the original size and NOT clamped.
     pub fn synthesize(&self, latent: &DecodedLatent, condition: &Condition) -> Result<Tensor> {
         let triggers = self.triggers(condition)?;
-        let x_hat = self.backbone.synthesis(&latent.y_hat, triggers.as_ref())?;
-        let (w, h) = (latent.stream.width as usize, latent.stream.height as usize);
-        Ok(x_hat.narrow(2, 0, h)?.narrow(3, 0, w)?)
+        let size = (latent.stream.width as usize, latent.stream.height as usize);
+        let b = self.backbone.as_ref();
+        crate::tiles::synthesise_tensor(b, &latent.y_hat, triggers.as_ref(), size, self.tile_pixels)
     }
 
     /// Decodes under an explicit condition (plain models ignore it).
     pub fn decode_with_condition(&self, bytes: &[u8], condition: &Condition) -> Result<RgbImage> {
-        tensor_to_image(&self.synthesize(&self.decode_latent(bytes)?, condition)?)
+        let latent = self.decode_latent(bytes)?;
+        let triggers = self.triggers(condition)?;
+        let size = (latent.stream.width as usize, latent.stream.height as usize);
+        let b = self.backbone.as_ref();
+        crate::tiles::synthesise(b, &latent.y_hat, triggers.as_ref(), size, self.tile_pixels)
     }
 
     /// The shielded decode: an image that looks right to people but that the semantic models

@@ -66,6 +66,7 @@ pub mod precision;
 pub mod shield;
 pub mod targets;
 mod tensor_util;
+pub mod tiles;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod zoo;

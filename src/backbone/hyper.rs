@@ -10,6 +10,13 @@ use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, ConvTranspose2d, Gdn};
 use crate::{Error, Precision, Result};
 
+/// Latent rows of context a band of `g_a` needs on each side ([`LicBackbone::analysis_halo`]):
+/// four 5x5 stride-2 convolutions (GDN is per pixel) give latent row `j` the image rows
+/// `16j - 30 ..= 16j + 30`, within two latent rows (32 pixels) either side.
+///
+/// [`LicBackbone::analysis_halo`]: super::LicBackbone::analysis_halo
+pub(crate) const ANALYSIS_HALO: usize = 2;
+
 /// `g_a` (4 strided 5x5 convolutions with GDN), `h_a` (3x3, then two strided 5x5, ReLU),
 /// `h_s` (two 5x5 transposed convolutions and a 3x3, ReLU) and the entropy models.
 /// Weights: `g_a.{0..6}`, `h_a.{0,2,4}`, `h_s.{0,2,4}`, `entropy_bottleneck.*`,

@@ -111,6 +111,17 @@ impl LicBackbone for ScaleHyperprior {
         self.core.hyper_synthesis_portable(z_hat).map(Some)
     }
 
+    fn analysis_halo(&self) -> Option<usize> {
+        Some(super::hyper::ANALYSIS_HALO)
+    }
+
+    fn synthesis_halo(&self) -> Option<usize> {
+        // Each 5x5 stride-2 transposed convolution reads input rows Y-1..=Y+1 for output rows
+        // 2Y and 2Y+1 (IGDN and the triggers are per pixel): output rows 16a..16b need latent
+        // rows a-2..=b (2 above, 1 below).
+        Some(2)
+    }
+
     fn injection_points(&self) -> Vec<usize> {
         vec![self.cfg.n; 3]
     }

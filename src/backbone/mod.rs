@@ -117,6 +117,20 @@ pub trait LicBackbone: Send + Sync + std::fmt::Debug {
         let _ = z_hat;
         Ok(None)
     }
+    /// Latent rows of context on each side that make [`analysis`](Self::analysis) of a band
+    /// of image rows exact: with this many latent rows (times the latent stride in pixels)
+    /// above and below, the band's own latent rows equal those of the whole image's analysis
+    /// (the receptive field, rounded up to whole latent rows). `None`, the default: not
+    /// known, so the codec analyses every image in one pass ([`crate::tiles`]).
+    fn analysis_halo(&self) -> Option<usize> {
+        None
+    }
+    /// Latent rows of context on each side that make [`synthesis`](Self::synthesis) of a
+    /// band of latent rows exact, as [`analysis_halo`](Self::analysis_halo). `None`, the
+    /// default: the codec synthesises every image in one pass.
+    fn synthesis_halo(&self) -> Option<usize> {
+        None
+    }
     /// Widths of the synthesis transform's injection points, in the order they are applied.
     fn injection_points(&self) -> Vec<usize>;
     /// Synthesis transform `g_s`: quantised latent to image (not clamped), with optional

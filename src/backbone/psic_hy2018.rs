@@ -298,6 +298,18 @@ impl LicBackbone for PsicHy2018 {
         self.core.hyper_synthesis_portable(z_hat).map(Some)
     }
 
+    fn analysis_halo(&self) -> Option<usize> {
+        Some(super::hyper::ANALYSIS_HALO)
+    }
+
+    fn synthesis_halo(&self) -> Option<usize> {
+        // Rows of context, output back to the latent (3x3 convolutions read 1 row a side, a
+        // residual block 2, a sub-pixel convolution 1 row of its input, then doubles): 1 at
+        // 1/2 scale for the last layer, +2 (block) +1 (conv) = 4, 1/4: 2 + 1 = 3, +2 +1 = 6,
+        // 1/8: 3 + 1 = 4, +2 +1 = 7, 1/16: 4 + 1 = 5, +2 = 7 latent rows; 8 with a margin.
+        Some(8)
+    }
+
     fn injection_points(&self) -> Vec<usize> {
         vec![self.cfg.n; 8]
     }

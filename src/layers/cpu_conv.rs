@@ -530,9 +530,12 @@ impl Plan {
         let items = b * tiles;
         let direct = u == 1 && self.phases.len() == 1;
         // Taps per column chunk of a plain convolution (all of them for phases, which share
-        // their columns).
+        // their columns). Sized for a full tile (not clamped to the image's height) so that how
+        // the sums are grouped, and so their rounding, does not depend on the height: a band
+        // of rows gives the same values as the whole image (`crate::tiles`).
+        let full = (TILE_COLUMNS / wo.max(1)).max(1) * wo;
         let chunk = if direct {
-            (CHUNK_BYTES / (4 * self.c_in * rows * wo).max(1)).clamp(1, self.taps.len().max(1))
+            (CHUNK_BYTES / (4 * self.c_in * full).max(1)).clamp(1, self.taps.len().max(1))
         } else {
             self.taps.len()
         };
