@@ -23,23 +23,33 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The architecture of the tests' tiny random models.
+fn tiny_arch() -> Architecture {
+    Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 })
+}
+
+/// Writes a tiny random model (`m.safetensors`, seed 5) and a 70x45 test image (`in.png`) into
+/// `dir`.
+fn tiny_model_and_image(dir: &Path) {
+    ModelFile::initialize(tiny_arch(), 5, &Device::Cpu)
+        .unwrap()
+        .save(dir.join("m.safetensors"))
+        .unwrap();
+    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+    img.save(dir.join("in.png")).unwrap();
+}
+
 #[test]
 fn encode_decode_info_and_errors() {
     let Some(bin) = psic_bin() else { return };
     let dir = std::env::temp_dir().join(format!("psic-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
-    ModelFile::initialize(arch.clone(), 5, &Device::Cpu)
-        .unwrap()
-        .save(p("m.safetensors"))
-        .unwrap();
-    ModelFile::initialize(arch, 6, &Device::Cpu)
+    tiny_model_and_image(&dir);
+    ModelFile::initialize(tiny_arch(), 6, &Device::Cpu)
         .unwrap()
         .save(p("other.safetensors"))
         .unwrap();
-    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
-    img.save(p("in.png")).unwrap();
 
     let o = run(
         &bin,
@@ -248,13 +258,7 @@ fn jpeg_output_and_stdin_stdout_pipes() {
     let dir = std::env::temp_dir().join(format!("psic-cli-pipe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
-    ModelFile::initialize(arch, 5, &Device::Cpu)
-        .unwrap()
-        .save(p("m.safetensors"))
-        .unwrap();
-    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
-    img.save(p("in.png")).unwrap();
+    tiny_model_and_image(&dir);
     let model = p("m.safetensors");
     let o = run(
         &bin,
@@ -483,13 +487,7 @@ fn output_that_is_the_input_is_refused() {
     let dir = std::env::temp_dir().join(format!("psic-cli-same-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
-    ModelFile::initialize(arch, 5, &Device::Cpu)
-        .unwrap()
-        .save(p("m.safetensors"))
-        .unwrap();
-    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
-    img.save(p("in.png")).unwrap();
+    tiny_model_and_image(&dir);
     let o = run(
         &bin,
         &[
@@ -618,13 +616,7 @@ fn endless_input_is_refused_and_failed_writes_leave_no_temporary_file() {
     let dir = std::env::temp_dir().join(format!("psic-cli-bounded-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n: 8, m: 12 });
-    ModelFile::initialize(arch, 5, &Device::Cpu)
-        .unwrap()
-        .save(p("m.safetensors"))
-        .unwrap();
-    let img = image::RgbImage::from_fn(70, 45, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
-    img.save(p("in.png")).unwrap();
+    tiny_model_and_image(&dir);
     if Path::new("/dev/zero").exists() {
         let (model, out) = (p("m.safetensors"), p("zero.png"));
         for cmd in ["decode", "info"] {
