@@ -26,7 +26,9 @@ use crate::backbone::{
     ScaleHyperpriorConfig, PSIC_HY2018,
 };
 use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
-use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, CltgNames, Conditions, TriggerGenerator};
+use crate::shield::{
+    AnchoredGenerator, Cltg, CltgConfig, CltgNames, Conditions, Modulation, TriggerGenerator,
+};
 use crate::{Error, Result};
 
 /// `format` metadata value of psic model files.
@@ -493,16 +495,7 @@ impl ModelFile {
         names: &CltgNames,
         prefix: Option<&str>,
     ) -> Result<()> {
-        let (e, h) = (cfg.embedding_dim(), cfg.hidden);
-        let mut expected: Vec<(String, Vec<usize>)> = vec![
-            (format!("{}.weight", names.fc1), vec![h, e]),
-            (format!("{}.bias", names.fc1), vec![h]),
-            (format!("{}.weight", names.fc2), vec![h, h]),
-            (format!("{}.bias", names.fc2), vec![h]),
-        ];
-        for (p, &c) in names.projections.iter().zip(&cfg.injection_points) {
-            expected.push((format!("{p}.weight"), vec![c, h]));
-        }
+        let expected = names.tensor_shapes(cfg);
         for (name, shape) in &expected {
             match self.tensors.get(name) {
                 None => {
@@ -545,6 +538,17 @@ impl ModelFile {
     /// backbones); `psic-hy2018`, which has its own generator, and a backbone without injection
     /// points are an [`Error::InvalidArgument`].
     pub fn with_new_cltg(&self, seed: u64, device: &Device) -> Result<Self> {
+        self.with_new_cltg_modulated(seed, Modulation::Bias, device)
+    }
+
+    /// [`with_new_cltg`](Self::with_new_cltg) with triggers of the given [`Modulation`] (fresh
+    /// gain projections start at zero, see [`Cltg`]). A shielded model's generator is replaced.
+    pub fn with_new_cltg_modulated(
+        &self,
+        seed: u64,
+        modulation: Modulation,
+        device: &Device,
+    ) -> Result<Self> {
         if matches!(self.architecture, Architecture::PsicHy2018(_)) {
             return Err(Error::InvalidArgument(format!(
                 "{} already has its own trigger generator",
@@ -560,13 +564,42 @@ impl ModelFile {
         }
         let varmap = candle_nn::VarMap::new();
         let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
-        Cltg::new(vb, &CltgConfig::new(points))?;
-        let mut out = self.clone();
+        Cltg::new(vb, &CltgConfig::new(points).with_modulation(modulation))?;
+        let mut out = self.without_cltg();
         for (name, var) in varmap.data().lock().expect("VarMap lock").iter() {
             out.tensors.insert(name.clone(), var.as_tensor().copy()?);
         }
         let conditions = serde_json::to_string(&Conditions::default()).unwrap_or_default();
         out.extra_metadata.insert("conditions".into(), conditions);
+        Ok(out)
+    }
+
+    /// This model without its generic `cltg.*` generator (the `conditions` metadata stays).
+    fn without_cltg(&self) -> Self {
+        let prefix = format!("{}.", CltgNames::GENERIC_PREFIX);
+        let mut out = self.clone();
+        out.tensors.retain(|k, _| !k.starts_with(&prefix));
+        out
+    }
+
+    /// Gives a shielded model's generic generator gain projections (`cltg.scale.*`, zero, so
+    /// every decode is unchanged until training moves them): its triggers become
+    /// [`Modulation::Affine`]. A generator that already has gains is returned as it is.
+    pub fn with_cltg_gains(&self, device: &Device) -> Result<Self> {
+        let cfg = CltgConfig::infer_generic(&self.tensors)?.ok_or_else(|| {
+            Error::InvalidArgument("the model has no generic (cltg.*) trigger generator".into())
+        })?;
+        if cfg.modulation.has_scale() {
+            return Ok(self.clone());
+        }
+        let affine = cfg.with_modulation(Modulation::Affine);
+        let names = CltgNames::generic(affine.injection_points.len());
+        let mut out = self.clone();
+        for (name, shape) in names.tensor_shapes(&affine) {
+            if let std::collections::hash_map::Entry::Vacant(e) = out.tensors.entry(name) {
+                e.insert(Tensor::zeros(shape, DType::F32, device)?);
+            }
+        }
         Ok(out)
     }
 

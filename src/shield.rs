@@ -13,6 +13,12 @@
 //!      ──Linear(H, C_i, no bias), one per injection point i──▶ trigger i  [B, C_i]
 //! ```
 //!
+//! PSIC's triggers are biases ([`Modulation::Bias`]). A constant bias entering a stack of
+//! stride-2 transposed convolutions comes out as a pattern that repeats with the synthesis
+//! period (16 pixels): psic's generators can instead (or also) emit per-channel gains
+//! ([`Modulation::Scale`], [`Modulation::Affine`]), `x·(1 + s) + b`, whose effect on the image
+//! follows its content.
+//!
 //! [`ShieldedBackbone`] pairs any backbone with a generator built for its injection points, which
 //! is how PSIC plugs into an existing codec.
 
@@ -95,6 +101,31 @@ pub trait TriggerGenerator: Send + Sync + std::fmt::Debug {
     fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers>;
 }
 
+/// How a generator's triggers act on the synthesis features `x` at an injection point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Modulation {
+    /// `x + b`: PSIC's per-channel biases.
+    #[default]
+    Bias,
+    /// `x·(1 + s)`: per-channel gains only; the change follows the image content.
+    Scale,
+    /// `x·(1 + s) + b`: gains and biases (FiLM).
+    Affine,
+}
+
+impl Modulation {
+    /// Whether the triggers carry biases.
+    pub fn has_bias(self) -> bool {
+        matches!(self, Self::Bias | Self::Affine)
+    }
+
+    /// Whether the triggers carry gains.
+    pub fn has_scale(self) -> bool {
+        matches!(self, Self::Scale | Self::Affine)
+    }
+}
+
 /// Configuration of a [`Cltg`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CltgConfig {
@@ -103,8 +134,12 @@ pub struct CltgConfig {
     pub fourier_frequencies: usize,
     /// Width `H` of the MLP and of the code. The reference uses 512.
     pub hidden: usize,
-    /// Widths `C_i` of the injection points (one bias-free projection each).
+    /// Widths `C_i` of the injection points (one bias-free projection each for the biases and
+    /// one for the gains, as `modulation` says).
     pub injection_points: Vec<usize>,
+    /// What the triggers are (PSIC's biases when absent).
+    #[serde(default)]
+    pub modulation: Modulation,
 }
 
 impl CltgConfig {
@@ -114,11 +149,18 @@ impl CltgConfig {
             fourier_frequencies: 10,
             hidden: 512,
             injection_points,
+            modulation: Modulation::Bias,
         }
     }
 
-    /// Reads the sizes of a generically named generator ([`CltgNames::generic`]) from a state
-    /// dict: `None` when it holds no `cltg.beta_mlp.fc1.weight`.
+    /// The same sizes with another [`Modulation`].
+    pub fn with_modulation(mut self, modulation: Modulation) -> Self {
+        self.modulation = modulation;
+        self
+    }
+
+    /// Reads the sizes and modulation of a generically named generator ([`CltgNames::generic`])
+    /// from a state dict: `None` when it holds no `cltg.beta_mlp.fc1.weight`.
     pub fn infer_generic(tensors: &HashMap<String, Tensor>) -> Result<Option<Self>> {
         let names = CltgNames::generic(0);
         let Some(fc1) = tensors.get(&format!("{}.weight", names.fc1)) else {
@@ -132,14 +174,28 @@ impl CltgConfig {
             )));
         }
         let p = CltgNames::GENERIC_PREFIX;
-        let injection_points = (0..)
-            .map_while(|i| tensors.get(&format!("{p}.proj.{i}.weight")))
-            .map(|w| Ok(w.dims2()?.0))
-            .collect::<Result<Vec<_>>>()?;
+        let widths = |kind: &str| {
+            (0..)
+                .map_while(|i| tensors.get(&format!("{p}.{kind}.{i}.weight")))
+                .map(|w| Ok(w.dims2()?.0))
+                .collect::<Result<Vec<_>>>()
+        };
+        let (bias, scale) = (widths("proj")?, widths("scale")?);
+        let (modulation, injection_points) = match (bias.is_empty(), scale.is_empty()) {
+            (_, true) => (Modulation::Bias, bias),
+            (true, false) => (Modulation::Scale, scale),
+            (false, false) if bias == scale => (Modulation::Affine, bias),
+            _ => {
+                return Err(Error::Model(format!(
+                    "{p}.proj.* widths {bias:?} and {p}.scale.* widths {scale:?} differ"
+                )))
+            }
+        };
         Ok(Some(Self {
             fourier_frequencies: embedding / 2,
             hidden,
             injection_points,
+            modulation,
         }))
     }
 
@@ -158,8 +214,11 @@ pub struct CltgNames {
     pub fc1: String,
     /// Second MLP layer, `Linear(H, H)`.
     pub fc2: String,
-    /// One bias-free `Linear(H, C_i)` per injection point.
+    /// One bias-free `Linear(H, C_i)` per injection point: the biases.
     pub projections: Vec<String>,
+    /// One bias-free `Linear(H, C_i)` per injection point: the gains (empty where the layout
+    /// has none).
+    pub scale_projections: Vec<String>,
 }
 
 impl CltgNames {
@@ -167,14 +226,39 @@ impl CltgNames {
     pub const GENERIC_PREFIX: &'static str = "cltg";
 
     /// The generic scheme for a wrapped backbone with `points` injection points:
-    /// `cltg.beta_mlp.fc1`, `cltg.beta_mlp.fc2`, `cltg.proj.{i}`.
+    /// `cltg.beta_mlp.fc1`, `cltg.beta_mlp.fc2`, `cltg.proj.{i}` (biases), `cltg.scale.{i}`
+    /// (gains).
     pub fn generic(points: usize) -> Self {
         let p = Self::GENERIC_PREFIX;
         Self {
             fc1: format!("{p}.beta_mlp.fc1"),
             fc2: format!("{p}.beta_mlp.fc2"),
             projections: (0..points).map(|i| format!("{p}.proj.{i}")).collect(),
+            scale_projections: (0..points).map(|i| format!("{p}.scale.{i}")).collect(),
         }
+    }
+
+    /// Names and shapes of every tensor a generator with `cfg` has under these names.
+    pub fn tensor_shapes(&self, cfg: &CltgConfig) -> Vec<(String, Vec<usize>)> {
+        let (e, h) = (cfg.embedding_dim(), cfg.hidden);
+        let mut out = vec![
+            (format!("{}.weight", self.fc1), vec![h, e]),
+            (format!("{}.bias", self.fc1), vec![h]),
+            (format!("{}.weight", self.fc2), vec![h, h]),
+            (format!("{}.bias", self.fc2), vec![h]),
+        ];
+        let m = cfg.modulation;
+        for (names, used) in [
+            (&self.projections, m.has_bias()),
+            (&self.scale_projections, m.has_scale()),
+        ] {
+            if used {
+                for (p, &c) in names.iter().zip(&cfg.injection_points) {
+                    out.push((format!("{p}.weight"), vec![c, h]));
+                }
+            }
+        }
+        out
     }
 
     /// The official PSIC `Hy2018` layout: `global_cond.beta_mlp.fc{1,2}` and, for the conditional
@@ -190,18 +274,31 @@ impl CltgNames {
                     [1, 2].map(|j| format!("g_s_cond.synthesis_transform.{k}._proj{j}.0"))
                 })
                 .collect(),
+            scale_projections: Vec::new(),
         }
     }
 }
 
 /// A `Linear(in, out)` initialised as PyTorch's `nn.Linear` (uniform in `±1/sqrt(in)`).
 fn linear(vb: &VarBuilder, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
-    let vb = vb.pp(prefix);
     let bound = 1.0 / (inp as f64).sqrt();
     let init = Init::Uniform {
         lo: -bound,
         up: bound,
     };
+    linear_init(vb, prefix, inp, out, bias, init)
+}
+
+/// A `Linear(in, out)` whose fresh weights (and bias) are drawn from `init`.
+fn linear_init(
+    vb: &VarBuilder,
+    prefix: &str,
+    inp: usize,
+    out: usize,
+    bias: bool,
+    init: Init,
+) -> Result<Linear> {
+    let vb = vb.pp(prefix);
     let weight = vb.get_with_hints((out, inp), "weight", init)?;
     let bias = if bias {
         Some(vb.get_with_hints(out, "bias", init)?)
@@ -223,6 +320,7 @@ pub struct Cltg {
     fc1: Linear,
     fc2: Linear,
     projections: Vec<Linear>,
+    scale_projections: Vec<Linear>,
     device: Device,
     dtype: DType,
 }
@@ -236,12 +334,18 @@ impl Cltg {
 
     /// Loads (or creates) a generator whose weights live at `names` under `vb`.
     pub fn with_names(vb: VarBuilder, cfg: &CltgConfig, names: &CltgNames) -> Result<Self> {
-        if names.projections.len() != cfg.injection_points.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} projection names for {} injection points",
-                names.projections.len(),
-                cfg.injection_points.len()
-            )));
+        let m = cfg.modulation;
+        for (list, used) in [
+            (&names.projections, m.has_bias()),
+            (&names.scale_projections, m.has_scale()),
+        ] {
+            if used && list.len() != cfg.injection_points.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} projection names for {} injection points ({m:?} triggers)",
+                    list.len(),
+                    cfg.injection_points.len()
+                )));
+            }
         }
         if cfg.hidden == 0 || cfg.injection_points.contains(&0) {
             return Err(Error::InvalidArgument(format!(
@@ -252,17 +356,30 @@ impl Cltg {
         let h = cfg.hidden;
         let fc1 = linear(&vb, &names.fc1, cfg.embedding_dim(), h, true)?;
         let fc2 = linear(&vb, &names.fc2, h, h, true)?;
-        let projections = names
-            .projections
-            .iter()
-            .zip(&cfg.injection_points)
-            .map(|(name, &c)| linear(&vb, name, h, c, false))
-            .collect::<Result<Vec<_>>>()?;
+        // Fresh gain projections start at zero: a generator gains its modulation from training,
+        // and a bias generator extended with gains starts where it was.
+        let projections = |list: &[String], used: bool, init: Option<Init>| {
+            list.iter()
+                .zip(&cfg.injection_points)
+                .filter(|_| used)
+                .map(|(name, &c)| match init {
+                    Some(init) => linear_init(&vb, name, h, c, false, init),
+                    None => linear(&vb, name, h, c, false),
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let bias = projections(&names.projections, m.has_bias(), None)?;
+        let scale = projections(
+            &names.scale_projections,
+            m.has_scale(),
+            Some(Init::Const(0.)),
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             fc1,
             fc2,
-            projections,
+            projections: bias,
+            scale_projections: scale,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -302,14 +419,25 @@ impl Cltg {
         Ok(self.fc2.forward(&h)?.relu()?)
     }
 
-    /// Triggers from a code `c` (`[B, H]`): entry `i` is `proj_i(c)`, `[B, C_i]`.
+    /// Triggers from a code `c` (`[B, H]`): bias `i` is `proj_i(c)` and gain `i` is
+    /// `scale_i(c)`, each `[B, C_i]`, as the configuration's [`Modulation`] says.
     pub fn triggers_from_code(&self, code: &Tensor) -> Result<Triggers> {
-        Ok(Triggers(
-            self.projections
-                .iter()
+        let project = |list: &[Linear]| {
+            list.iter()
                 .map(|p| p.forward(code))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        ))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let m = self.cfg.modulation;
+        Ok(Triggers {
+            bias: m
+                .has_bias()
+                .then(|| project(&self.projections))
+                .transpose()?,
+            scale: m
+                .has_scale()
+                .then(|| project(&self.scale_projections))
+                .transpose()?,
+        })
     }
 }
 
@@ -327,15 +455,10 @@ impl TriggerGenerator for Cltg {
         if batch == 1 {
             return Ok(one);
         }
-        Ok(Triggers(
-            one.0
-                .iter()
-                .map(|t| {
-                    let c = t.dim(1)?;
-                    t.broadcast_as((batch, c))?.contiguous()
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        ))
+        one.map(|t| {
+            let c = t.dim(1)?;
+            t.broadcast_as((batch, c))?.contiguous()
+        })
     }
 
     fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers> {
@@ -457,7 +580,8 @@ mod tests {
         let full = cltg.triggers(&Condition::FULL, 1).unwrap();
         // Matrix products of different batch sizes may round differently: compare loosely.
         let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
-        for (i, (a, b)) in t.0.iter().zip(&per.0).enumerate() {
+        let (t, per, full) = (t.bias.unwrap(), per.bias.unwrap(), full.bias.unwrap());
+        for (i, (a, b)) in t.iter().zip(&per).enumerate() {
             let a = a.to_vec2::<f32>().unwrap();
             let b = b.to_vec2::<f32>().unwrap();
             // One condition for the batch: every row is the same.
@@ -465,7 +589,7 @@ mod tests {
             assert_eq!(a[0], a[2], "trigger {i}");
             assert!(close(&a[0], &b[0]), "trigger {i}, sample 0");
             assert!(close(&a[2], &b[2]), "trigger {i}, sample 2");
-            assert!(close(&full.0[i].to_vec2::<f32>().unwrap()[0], &b[1]));
+            assert!(close(&full[i].to_vec2::<f32>().unwrap()[0], &b[1]));
             assert!(!close(&b[0], &b[1]));
         }
     }
@@ -530,14 +654,7 @@ impl<G: TriggerGenerator> AnchoredGenerator<G> {
 
     fn subtract_anchor(&self, triggers: Triggers) -> Result<Triggers> {
         let base = self.inner.triggers(&self.anchor, 1)?;
-        Ok(Triggers(
-            triggers
-                .0
-                .iter()
-                .zip(&base.0)
-                .map(|(t, b)| t.broadcast_sub(b))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        ))
+        triggers.zip_map(&base, |t, b| t.broadcast_sub(b))
     }
 }
 

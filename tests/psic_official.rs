@@ -212,11 +212,7 @@ fn conditional_synthesis_matches_official() {
     assert!(d > 0.01, "beta0 vs beta1 reference differ by {d}");
 
     // No triggers is exactly all-zero triggers.
-    let zeros = Triggers(
-        t0.0.iter()
-            .map(|t| t.zeros_like().unwrap())
-            .collect::<Vec<_>>(),
-    );
+    let zeros = t0.map(|t| t.zeros_like()).unwrap();
     let none = m.synthesis(&r["y_hat"], None).unwrap();
     let zero = m.synthesis(&r["y_hat"], Some(&zeros)).unwrap();
     assert_eq!(f32s(&none), f32s(&zero));
@@ -413,7 +409,7 @@ fn wrapped_hyperprior_shields_only_the_synthesis() {
     let x_plain = plain.synthesis(&y_hat, None).unwrap();
     let x_none = shielded.backbone().synthesis(&y_hat, None).unwrap();
     assert_eq!(f32s(&x_none), f32s(&x_plain));
-    let zeros = Triggers(
+    let zeros = Triggers::additive(
         shielded
             .backbone()
             .injection_points()
@@ -453,7 +449,7 @@ fn wrapped_hyperprior_shields_only_the_synthesis() {
         .generator()
         .triggers(&Condition::SHIELDED, 1)
         .unwrap();
-    for (a, b) in a.0.iter().zip(&b.0) {
+    for (a, b) in a.bias.unwrap().iter().zip(&b.bias.unwrap()) {
         assert_eq!(f32s(a), f32s(b));
     }
 

@@ -106,3 +106,66 @@ fn wrapped_hyperprior_keeps_the_stream_and_the_full_decode() {
     // A plain model cannot shield, and says so.
     assert!(plain.decode_shielded(&bytes).is_err());
 }
+
+/// Gains as triggers (`Modulation::Scale` / `Affine`): model files carry them, a bias generator
+/// extended with zero gains decodes exactly as before, a fresh gain-only generator starts at the
+/// plain decode, and moved gains change the shielded decode in proportion to the content.
+#[test]
+fn modulated_generators_load_extend_and_start_where_the_model_was() {
+    use psic::shield::{CltgConfig, Modulation};
+    let Some(dir) = fixture_dir("compressai") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let plain = ModelFile::import(dir.join("hyperprior_128_192.safetensors"), None, &cpu).unwrap();
+    let img = psic::image_io::load_image(dir.join("test768x512.png")).unwrap();
+    let img = image::imageops::crop_imm(&img, 0, 0, 128, 128).to_image();
+    let decodes = |m: &ModelFile| {
+        let codec = Codec::from_model_file(m, &cpu).unwrap();
+        let bytes = codec.encode(&img).unwrap();
+        let c = codec.conditions().unwrap();
+        let latent = codec.decode_latent(&bytes).unwrap();
+        let full = f32s(&codec.synthesize(&latent, &c.full).unwrap());
+        let shielded = f32s(&codec.synthesize(&latent, &c.shielded).unwrap());
+        (full, shielded)
+    };
+    let bias = plain.with_new_cltg(7, &cpu).unwrap();
+    let affine = bias.with_cltg_gains(&cpu).unwrap();
+    let cfg = CltgConfig::infer_generic(&affine.tensors).unwrap().unwrap();
+    assert_eq!(cfg.modulation, Modulation::Affine);
+    assert!(affine.tensors.contains_key("cltg.scale.2.weight"));
+    // Zero gains: both decodes bit-identical to the bias generator's.
+    assert_eq!(decodes(&affine), decodes(&bias));
+    // Saved and loaded, the gains survive and the decodes are the same.
+    let tmp = std::env::temp_dir().join(format!("psic-affine-{}.safetensors", std::process::id()));
+    affine.save(&tmp).unwrap();
+    let reloaded = ModelFile::load(&tmp, &cpu).unwrap();
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(decodes(&reloaded), decodes(&bias));
+
+    // A fresh gain-only generator: no biases, zero gains, so both decodes are the plain one.
+    let scale = plain
+        .with_new_cltg_modulated(7, Modulation::Scale, &cpu)
+        .unwrap();
+    assert!(!scale.tensors.contains_key("cltg.proj.0.weight"));
+    let (full, shielded) = decodes(&scale);
+    assert_eq!(full, shielded);
+    let plain_codec = Codec::from_model_file(&plain, &cpu).unwrap();
+    let bytes = plain_codec.encode(&img).unwrap();
+    let latent = plain_codec.decode_latent(&bytes).unwrap();
+    assert_eq!(
+        full,
+        f32s(&plain_codec.synthesize(&latent, &Condition::FULL).unwrap())
+    );
+
+    // Moved gains: the full decode stays the plain one (anchored), the shielded one changes.
+    let mut moved = scale.clone();
+    for i in 0..3 {
+        let name = format!("cltg.scale.{i}.weight");
+        let w = moved.tensors[&name].ones_like().unwrap();
+        moved.tensors.insert(name, (w * 0.01).unwrap());
+    }
+    let (full2, shielded2) = decodes(&moved);
+    assert_eq!(full2, full);
+    assert!(max_abs_diff(&shielded2, &full2) > 1e-3);
+}

@@ -368,3 +368,48 @@ fn frozen_analysis_keeps_the_backbone_bitstream_side_unchanged() {
     assert!(after.keys().any(|k| k.starts_with("cltg.")));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `[shield] modulation`: a plain model gets a fresh generator of that kind, gains are trained
+/// (they start at zero and move), and a bias generator cannot silently become another kind.
+#[test]
+fn modulation_settings_choose_and_train_the_generators_triggers() {
+    let (dir, plain) = colour_folder("modulation");
+    let dev = Device::Cpu;
+    let train = |init: &Path, shield: &str| {
+        let cfg = colour_stage1(&dir, init, "steps = 2\nlr = 1e-2\nseed = 4", shield);
+        let target = Some(Box::new(ColourTarget(dev.clone())) as Box<_>);
+        Trainer::with_target(cfg, &dev, target)
+    };
+    let mut scale = train(&plain, "modulation = \"scale\"").unwrap();
+    for _ in 0..2 {
+        assert!(scale.step().unwrap().loss.is_finite());
+    }
+    let model = scale.export().unwrap();
+    assert!(!model.tensors.contains_key("cltg.proj.0.weight"));
+    let gain = model.tensors["cltg.scale.0.weight"]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gain > 0.0, "the zero-initialised gains did not move");
+
+    // A bias generator: `affine` extends it; `scale` needs `fresh_generator`.
+    let bias_model = dir.join("bias.safetensors");
+    let mut bias = train(&plain, "").unwrap();
+    bias.step().unwrap();
+    bias.export().unwrap().save(&bias_model).unwrap();
+    let affine = train(&bias_model, "modulation = \"affine\"").unwrap();
+    let m = affine.export().unwrap();
+    assert!(m.tensors.contains_key("cltg.proj.0.weight"));
+    assert!(m.tensors.contains_key("cltg.scale.0.weight"));
+    let err = train(&bias_model, "modulation = \"scale\"").unwrap_err();
+    assert!(err.to_string().contains("fresh_generator"), "{err}");
+    assert!(train(
+        &bias_model,
+        "modulation = \"scale\"\nfresh_generator = true"
+    )
+    .is_ok());
+    std::fs::remove_dir_all(&dir).ok();
+}

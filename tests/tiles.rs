@@ -96,7 +96,7 @@ fn psic_hy2018_strips_equal_one_pass() {
         f32s(&analyse(b.as_ref(), &img, PADDED, small).unwrap())
     );
     let y_hat = y.round().unwrap();
-    let triggers = psic::backbone::Triggers(
+    let triggers = psic::backbone::Triggers::additive(
         (0..8)
             .map(|i| Tensor::full(0.05 * i as f32, (1, 16), &Device::Cpu).unwrap())
             .collect(),

@@ -43,37 +43,109 @@ pub struct GaussianParams {
     pub means: Option<Tensor>,
 }
 
-/// Per-channel biases added at a synthesis transform's injection points: entry `i` has shape
-/// `[B, C_i]` where `C_i` is the width of injection point `i`.
+/// What a trigger generator feeds a synthesis transform's injection points: per-channel biases
+/// (PSIC's triggers) and, for a modulating generator, per-channel gains. Entry `i` of each list
+/// has shape `[B, C_i]` (or `[1, C_i]`, broadcast over the batch), `C_i` the width of injection
+/// point `i`; the activation `x` at point `i` becomes `x·(1 + scale_i) + bias_i`.
 #[derive(Debug, Clone)]
-pub struct Triggers(pub Vec<Tensor>);
+pub struct Triggers {
+    /// Per-channel biases (`None`: the generator only modulates).
+    pub bias: Option<Vec<Tensor>>,
+    /// Per-channel gains minus one (`None`: the generator only adds, as PSIC's does).
+    pub scale: Option<Vec<Tensor>>,
+}
 
 impl Triggers {
+    /// Additive triggers (PSIC's): one bias per injection point.
+    pub fn additive(bias: Vec<Tensor>) -> Self {
+        Self {
+            bias: Some(bias),
+            scale: None,
+        }
+    }
+
+    /// The lists present (biases first), each with one entry per injection point.
+    fn lists(&self) -> impl Iterator<Item = &Vec<Tensor>> {
+        self.bias.iter().chain(self.scale.iter())
+    }
+
+    /// Applies `f` to every tensor (e.g. to broadcast over a batch).
+    pub fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        let apply = |v: &Vec<Tensor>| v.iter().map(&f).collect::<candle_core::Result<Vec<_>>>();
+        Ok(Self {
+            bias: self.bias.as_ref().map(apply).transpose()?,
+            scale: self.scale.as_ref().map(apply).transpose()?,
+        })
+    }
+
+    /// Combines two triggers of the same kind entry by entry (e.g. to subtract an anchor).
+    pub fn zip_map(
+        &self,
+        other: &Self,
+        f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Self> {
+        let apply = |a: &Option<Vec<Tensor>>, b: &Option<Vec<Tensor>>| match (a, b) {
+            (None, None) => Ok(None),
+            (Some(a), Some(b)) if a.len() == b.len() => a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| f(a, b))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map(Some)
+                .map_err(Error::from),
+            _ => Err(Error::InvalidArgument(
+                "triggers of different kinds cannot be combined".into(),
+            )),
+        };
+        Ok(Self {
+            bias: apply(&self.bias, &other.bias)?,
+            scale: apply(&self.scale, &other.scale)?,
+        })
+    }
+
     /// Checks the triggers against a backbone's injection points and batch size.
     pub fn check(&self, points: &[usize], batch: usize) -> Result<()> {
-        if self.0.len() != points.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} triggers for {} injection points",
-                self.0.len(),
-                points.len()
-            )));
+        if self.bias.is_none() && self.scale.is_none() {
+            return Err(Error::InvalidArgument(
+                "triggers with neither bias nor scale".into(),
+            ));
         }
-        for (i, (t, &c)) in self.0.iter().zip(points).enumerate() {
-            let dims = t.dims();
-            if dims.len() != 2 || dims[1] != c || (dims[0] != batch && dims[0] != 1) {
+        for list in self.lists() {
+            if list.len() != points.len() {
                 return Err(Error::InvalidArgument(format!(
-                    "trigger {i} has shape {dims:?}, expected [{batch} or 1, {c}]"
+                    "{} triggers for {} injection points",
+                    list.len(),
+                    points.len()
                 )));
+            }
+            for (i, (t, &c)) in list.iter().zip(points).enumerate() {
+                let dims = t.dims();
+                if dims.len() != 2 || dims[1] != c || (dims[0] != batch && dims[0] != 1) {
+                    return Err(Error::InvalidArgument(format!(
+                        "trigger {i} has shape {dims:?}, expected [{batch} or 1, {c}]"
+                    )));
+                }
             }
         }
         Ok(())
     }
 
-    /// Adds trigger `i` to a `[B, C, H, W]` activation, broadcast over `H` and `W`.
+    /// Applies trigger `i` to a `[B, C, H, W]` activation, broadcast over `H` and `W`:
+    /// `x·(1 + scale_i) + bias_i`, computed as `x + x·scale_i` so that a zero scale leaves `x`
+    /// bit-identical.
     pub fn inject(&self, i: usize, x: &Tensor) -> Result<Tensor> {
-        let t = &self.0[i];
-        let (b, c) = t.dims2()?;
-        Ok(x.broadcast_add(&t.reshape((b, c, 1, 1))?)?)
+        let as4 = |t: &Tensor| -> Result<Tensor> {
+            let (b, c) = t.dims2()?;
+            Ok(t.reshape((b, c, 1, 1))?)
+        };
+        let mut h = x.clone();
+        if let Some(scale) = &self.scale {
+            h = (&h + h.broadcast_mul(&as4(&scale[i])?)?)?;
+        }
+        if let Some(bias) = &self.bias {
+            h = h.broadcast_add(&as4(&bias[i])?)?;
+        }
+        Ok(h)
     }
 }
 

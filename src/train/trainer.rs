@@ -17,7 +17,9 @@ use super::{rd_loss, RdForward};
 use crate::backbone::LicBackbone;
 use crate::init::SplitMix64;
 use crate::model::{Architecture, ModelFile};
-use crate::shield::{AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, TriggerGenerator};
+use crate::shield::{
+    AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, Modulation, TriggerGenerator,
+};
 use crate::targets::{EfficientNetLite, SemanticTarget};
 use crate::{Error, Result};
 
@@ -152,6 +154,15 @@ pub struct ShieldConfig {
     /// the shield disturbs the features that other models share, not only the target's head.
     #[serde(default)]
     pub lambda_feature: f64,
+    /// What the generator's triggers are ([`Modulation`]: `bias`, PSIC's; `scale`, per-channel
+    /// gains; `affine`, both). Absent: the `init` model's generator as it is (a new one is
+    /// `bias`). `affine` on a `bias` generator adds zero-initialised gains, so training starts
+    /// where the model was; any other change needs `fresh_generator`.
+    #[serde(default)]
+    pub modulation: Option<Modulation>,
+    /// Replace the `init` model's generator by a fresh, seeded one (of `modulation`).
+    #[serde(default)]
+    pub fresh_generator: bool,
 }
 
 /// Random down-scaling of the shielded decodes the target sees during training (the target's
@@ -442,6 +453,30 @@ fn is_synthesis_side(name: &str, synthesis_prefixes: &[String]) -> bool {
         || name.starts_with(&format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX))
 }
 
+/// The `init` model with the generator `[shield]` asks for: a fresh one where it has none (or
+/// `fresh_generator`), gains added where `modulation = "affine"` meets a bias generator.
+fn prepare_generator(model: ModelFile, shield: &ShieldConfig, seed: u64) -> Result<ModelFile> {
+    let cpu = Device::Cpu;
+    let wanted = shield.modulation;
+    if shield.fresh_generator || model.build_generator(&cpu)?.is_none() {
+        return model.with_new_cltg_modulated(seed, wanted.unwrap_or_default(), &cpu);
+    }
+    let Some(wanted) = wanted else {
+        return Ok(model);
+    };
+    let have = CltgConfig::infer_generic(&model.tensors)?
+        .map(|c| c.modulation)
+        .unwrap_or_default();
+    match (have, wanted) {
+        (h, w) if h == w => Ok(model),
+        (Modulation::Bias, Modulation::Affine) => model.with_cltg_gains(&cpu),
+        (h, w) => Err(Error::InvalidArgument(format!(
+            "the init model's generator has {h:?} triggers, [shield] asks for {w:?}: set \
+             fresh_generator = true to start a new generator"
+        ))),
+    }
+}
+
 /// Loads a semantic target by kind.
 pub fn load_target(kind: &str, weights: &Path, device: &Device) -> Result<Box<dyn SemanticTarget>> {
     match kind {
@@ -497,8 +532,8 @@ impl Trainer {
                 // weights move to `device` in `build`.
                 let cpu = Device::Cpu;
                 let mut model = ModelFile::load(path, &cpu)?;
-                if cfg.stage > 0 && model.build_generator(&cpu)?.is_none() {
-                    model = model.with_new_cltg(cfg.seed ^ 0xc17, &cpu)?;
+                if let Some(shield) = cfg.shield.as_ref().filter(|_| cfg.stage > 0) {
+                    model = prepare_generator(model, shield, cfg.seed ^ 0xc17)?;
                 }
                 let conditions = model.conditions()?;
                 let mut t = Self::build(
