@@ -51,6 +51,7 @@ pub mod bitstream;
 pub mod codec;
 #[cfg(any(feature = "train", feature = "eval"))]
 pub mod data;
+pub mod device;
 pub mod entropy;
 pub mod error;
 #[cfg(feature = "eval")]
@@ -78,6 +79,7 @@ pub use candle_core;
 /// [`backbone::BackboneFactory`]).
 pub use candle_nn;
 pub use codec::Codec;
+pub use device::DeviceKind;
 pub use error::{Error, Result};
 /// The image library of psic's API (`image::RgbImage` in and out of [`Codec`]).
 pub use image;

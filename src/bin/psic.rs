@@ -28,7 +28,7 @@ use psic::image_io::{
     load_image_limited, read_limited, read_limited_from, write_atomic,
 };
 use psic::shield::Condition;
-use psic::{Codec, Error, ModelFile, Result};
+use psic::{Codec, DeviceKind, Error, ModelFile, Result};
 
 // Large tensor buffers get transparent huge pages (psic::alloc::HugePages): fewer page faults.
 #[global_allocator]
@@ -67,65 +67,9 @@ enum Command {
     Classify(ClassifyArgs),
 }
 
-/// Where a model runs.
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-enum DeviceKind {
-    /// CUDA when this build has it (feature `cuda`) and a GPU is there, else Metal likewise
-    /// (feature `metal`), else the CPU.
-    #[default]
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// The first NVIDIA GPU (a build with `--features cuda`).
-    Cuda,
-    /// The first Apple GPU (a build with `--features metal`).
-    Metal,
-}
-
-impl DeviceKind {
-    fn device(self) -> Result<Device> {
-        match self {
-            DeviceKind::Cpu => Ok(Device::Cpu),
-            DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "cannot use CUDA ({e}); build psic with `--features cuda` on a machine with an NVIDIA driver"
-                ))
-            }),
-            DeviceKind::Metal => Device::new_metal(0).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "cannot use Metal ({e}); build psic with `--features metal` on a Mac"
-                ))
-            }),
-            DeviceKind::Auto => {
-                #[cfg(feature = "cuda")]
-                if psic::candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
-                    }
-                }
-                #[cfg(feature = "metal")]
-                if psic::candle_core::utils::metal_is_available() {
-                    if let Ok(d) = Device::new_metal(0) {
-                        return Ok(d);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
-        }
-    }
-}
-
-/// The name a training configuration records for `device`.
-#[cfg(feature = "train")]
-fn device_name(device: &Device) -> &'static str {
-    if device.is_cuda() {
-        "cuda"
-    } else if device.is_metal() {
-        "metal"
-    } else {
-        "cpu"
-    }
-}
+/// The semantic targets the command line can load (`psic::targets::TargetKind`).
+#[cfg(any(feature = "train", feature = "eval"))]
+const TARGET_KINDS: [&str; 2] = ["efficientnet-lite", "clip"];
 
 /// The device option of every command that runs a model.
 #[derive(Debug, clap::Args)]
@@ -341,7 +285,7 @@ struct EvalArgs {
     #[arg(short = 'n', long)]
     limit: Option<usize>,
     /// The semantic target (efficientnet-lite, clip); with --weights.
-    #[arg(short, long, requires = "weights")]
+    #[arg(short, long, requires = "weights", value_parser = TARGET_KINDS)]
     target: Option<String>,
     /// The target's weights; with --target.
     #[arg(short, long, requires = "target")]
@@ -398,7 +342,7 @@ struct PsnrArgs {
 #[derive(Debug, clap::Args)]
 struct ClassifyArgs {
     /// The target: efficientnet-lite or clip.
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = TARGET_KINDS)]
     target: String,
     /// Its weights.
     #[arg(short, long)]
@@ -799,7 +743,7 @@ fn info(a: InfoArgs) -> Result<()> {
 fn classify(a: ClassifyArgs, ui: &Ui) -> Result<()> {
     let device = a.device.device.device()?;
     // Any target psic can load (a CLIP folder classifies against its captions.txt).
-    let target = psic::train::load_target(&a.target, &a.weights, &device)?;
+    let target = psic::targets::load_target(&a.target.as_str().into(), &a.weights, &device)?;
     let t = Instant::now();
     let mut bar = ui.progress("classify");
     let predictions =
@@ -831,7 +775,7 @@ fn train(a: TrainArgs, ui: &Ui) -> Result<()> {
             // A resumed run goes where --device says (the CPU by default), wherever it ran
             // before: the device is not part of a run's state.
             let dev = a.device.unwrap_or(DeviceKind::Cpu).device()?;
-            let name = device_name(&dev).to_string();
+            let kind = DeviceKind::of(&dev);
             let (data, weights) = (a.data.clone(), a.target_weights.clone());
             Trainer::resume(ckpt, &dev, |cfg| {
                 if let Some(s) = steps {
@@ -844,7 +788,7 @@ fn train(a: TrainArgs, ui: &Ui) -> Result<()> {
                 if let (Some(w), Some(s)) = (weights, cfg.shield.as_mut()) {
                     s.weights = w;
                 }
-                cfg.device = Some(name);
+                cfg.device = Some(kind);
             })?
         }
         None => {
@@ -857,18 +801,9 @@ fn train(a: TrainArgs, ui: &Ui) -> Result<()> {
             if let Some(s) = steps {
                 cfg.steps = s;
             }
-            let kind = match (a.device, cfg.device.as_deref()) {
-                (Some(k), _) => k,
-                (None, None) => DeviceKind::Cpu,
-                (None, Some(name)) => DeviceKind::from_str(name, true).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "{}: device {name:?}: use auto, cpu, cuda or metal",
-                        path.display()
-                    ))
-                })?,
-            };
+            let kind = a.device.or(cfg.device).unwrap_or(DeviceKind::Cpu);
             let dev = kind.device()?;
-            cfg.device = Some(device_name(&dev).to_string());
+            cfg.device = Some(DeviceKind::of(&dev));
             Trainer::new(cfg, &dev)?
         }
     };
@@ -1030,7 +965,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
     };
     let codec = load_codec(a.model.as_deref(), &device)?;
     let target = match (&a.target, &a.weights) {
-        (Some(t), Some(w)) => Some(psic::train::load_target(t, w, &device)?),
+        (Some(t), Some(w)) => Some(psic::targets::load_target(&t.as_str().into(), w, &device)?),
         _ => None,
     };
     // Probe models: KIND:WEIGHTS,... (evaluation only), named by their weight files' stems.
@@ -1049,7 +984,10 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| weights.to_string());
-            Ok((name, psic::train::load_target(kind, path, &device)?))
+            Ok((
+                name,
+                psic::targets::load_target(&kind.into(), path, &device)?,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     let probe_refs: Vec<psic::eval::Probe> = probes

@@ -31,10 +31,13 @@ mod depthwise;
 mod efficientnet_lite;
 #[cfg(feature = "clip")]
 pub mod ftfy;
+mod kind;
 #[cfg(feature = "clip")]
 #[rustfmt::skip]
 mod ftfy_tables;
 pub mod preprocess;
+
+pub use kind::{load_target, TargetKind};
 
 #[cfg(feature = "clip")]
 pub use clip::{

@@ -14,6 +14,8 @@ pub struct Adam {
     step: u64,
     /// Learning rate.
     pub lr: f64,
+    /// Per-variable factors on the learning rate (1 unless [`scale_lr`](Self::scale_lr) set them).
+    lr_scale: Vec<f64>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -32,6 +34,7 @@ impl Adam {
                 .iter()
                 .map(|(_, v)| zeros(v))
                 .collect::<candle_core::Result<_>>()?,
+            lr_scale: vec![1.0; vars.len()],
             vars,
             step: 0,
             lr,
@@ -39,6 +42,16 @@ impl Adam {
             beta2: 0.999,
             eps: 1e-8,
         })
+    }
+
+    /// Multiplies the learning rate of the variables whose names `select` picks by `factor`
+    /// (a configuration, not state: set it again after a resume).
+    pub fn scale_lr(&mut self, select: impl Fn(&str) -> bool, factor: f64) {
+        for ((name, _), s) in self.vars.iter().zip(&mut self.lr_scale) {
+            if select(name) {
+                *s = factor;
+            }
+        }
     }
 
     /// One update from `grads`; with `clip`, gradients are scaled so that their global L2 norm
@@ -82,7 +95,7 @@ impl Adam {
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let m_hat = (&self.m[i] / bc1)?;
             let v_hat = (&self.v[i] / bc2)?;
-            let update = ((m_hat / (v_hat.sqrt()? + self.eps)?)? * self.lr)?;
+            let update = ((m_hat / (v_hat.sqrt()? + self.eps)?)? * (self.lr * self.lr_scale[i]))?;
             let var = &self.vars[i].1;
             var.set(&(var.as_tensor().detach() - update)?)?;
         }

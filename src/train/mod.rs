@@ -19,7 +19,8 @@ mod weighting;
 pub use adam::Adam;
 pub use msssim::Distortion;
 pub use trainer::{
-    grid, load_target, AugmentConfig, ShieldConfig, StepStats, TrainConfig, Trainer, ValStats,
+    grid, load_target, AugmentConfig, ShieldConfig, Stage, StepStats, TargetKind, TrainConfig,
+    Trainer, ValStats,
 };
 pub use weighting::AdaptiveWeighting;
 

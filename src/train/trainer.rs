@@ -20,17 +20,17 @@ use crate::model::{Architecture, ModelFile};
 use crate::shield::{
     AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, Modulation, TriggerGenerator,
 };
-use crate::targets::{EfficientNetLite, SemanticTarget};
+use crate::targets::SemanticTarget;
+pub use crate::targets::{load_target, TargetKind};
 use crate::{Error, Result};
 
 /// Settings of a training run; read from TOML by the CLI's `train` (see `docs/TRAINING.md`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// 0: rate-distortion pretraining of a plain backbone; 1: joint training of the backbone and
-    /// the trigger generator (both decodes + UAEO); 2: privacy emphasis, synthesis side only.
+    /// What is trained ([`Stage`]; written `0`, `1`, `2` or by name).
     #[serde(default)]
-    pub stage: u8,
+    pub stage: Stage,
     /// Architecture name of a fresh stage-0 run (`bmshj2018-hyperprior`).
     #[serde(default = "default_architecture")]
     pub architecture: String,
@@ -92,20 +92,92 @@ pub struct TrainConfig {
     /// Images of the evaluation part used for validation (the first ones by name).
     #[serde(default = "default_validate_images")]
     pub validate_images: usize,
-    /// Device (`cpu` or `cuda`; the CLI's `--device` overrides it).
+    /// Device (`auto`, `cpu`, `cuda` or `metal`; the CLI's `--device` overrides it).
     #[serde(default)]
-    pub device: Option<String>,
+    pub device: Option<crate::DeviceKind>,
     /// Shielding settings (stages 1 and 2).
     #[serde(default)]
     pub shield: Option<ShieldConfig>,
+}
+
+/// The training stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "StageRepr", into = "u8")]
+pub enum Stage {
+    /// 0: rate-distortion pretraining of a plain backbone.
+    #[default]
+    Pretrain,
+    /// 1: joint training of the backbone and the trigger generator (both decodes + UAEO).
+    Joint,
+    /// 2: privacy emphasis, synthesis side only.
+    Privacy,
+}
+
+impl Stage {
+    const ALL: [Stage; 3] = [Stage::Pretrain, Stage::Joint, Stage::Privacy];
+
+    /// The stage's number (0, 1 or 2).
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The stage's name (`pretrain`, `joint`, `privacy`).
+    pub fn name(self) -> &'static str {
+        ["pretrain", "joint", "privacy"][self as usize]
+    }
+
+    /// Whether the stage shields (trains a trigger generator against a target).
+    pub fn shields(self) -> bool {
+        self != Stage::Pretrain
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.number(), self.name())
+    }
+}
+
+/// How a stage is written in a configuration: its number or its name.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum StageRepr {
+    Number(i64),
+    Name(String),
+}
+
+impl TryFrom<StageRepr> for Stage {
+    type Error = String;
+
+    fn try_from(r: StageRepr) -> std::result::Result<Self, String> {
+        Stage::ALL
+            .into_iter()
+            .find(|s| match &r {
+                StageRepr::Number(n) => i64::from(s.number()) == *n,
+                StageRepr::Name(n) => s.name() == n,
+            })
+            .ok_or_else(|| match r {
+                StageRepr::Number(n) => format!("stage must be 0, 1 or 2, got {n}"),
+                StageRepr::Name(n) => {
+                    format!("stage must be pretrain, joint or privacy (or 0-2), got {n:?}")
+                }
+            })
+    }
+}
+
+impl From<Stage> for u8 {
+    fn from(s: Stage) -> u8 {
+        s.number()
+    }
 }
 
 /// Shielding settings of stages 1 and 2.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShieldConfig {
-    /// Target model kind: `efficientnet-lite`.
-    pub target: String,
+    /// Target model kind ([`TargetKind`]: `efficientnet-lite`, `clip`, or the name of your own
+    /// target passed to [`Trainer::with_target`]).
+    pub target: TargetKind,
     /// The target's weights.
     pub weights: PathBuf,
     /// `l0`: distortion weight of the full decode (`½·l0·D_full`; `D = 255²·MSE` by default).
@@ -163,6 +235,10 @@ pub struct ShieldConfig {
     /// Replace the `init` model's generator by a fresh, seeded one (of `modulation`).
     #[serde(default)]
     pub fresh_generator: bool,
+    /// Factor on the learning rate of the generic generator's weights (`cltg.*`; default 1):
+    /// fresh or zero-initialised gains learn faster than the transform they modulate should.
+    #[serde(default = "default_one")]
+    pub generator_lr_scale: f64,
 }
 
 /// Random down-scaling of the shielded decodes the target sees during training (the target's
@@ -235,6 +311,9 @@ fn default_validate_images() -> usize {
 fn default_clean_weight() -> f64 {
     10.0
 }
+fn default_one() -> f64 {
+    1.0
+}
 fn default_noisy_weight() -> f64 {
     0.5
 }
@@ -248,16 +327,13 @@ impl TrainConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
-        if self.stage > 2 {
-            return bad(format!("stage must be 0, 1 or 2, got {}", self.stage));
-        }
         if self.batch == 0 || self.crop == 0 || self.steps == 0 {
             return bad("batch, crop and steps must be positive".into());
         }
         if self.crop % 64 != 0 {
             return bad(format!("crop must be a multiple of 64, got {}", self.crop));
         }
-        if self.stage > 0 && (self.shield.is_none() || self.init.is_none()) {
+        if self.stage.shields() && (self.shield.is_none() || self.init.is_none()) {
             return bad(format!(
                 "stage {} needs `init` (a model file) and a [shield] section",
                 self.stage
@@ -284,7 +360,12 @@ impl TrainConfig {
                 ("lambda_feature", s.lambda_feature),
             ]);
         }
-        for (name, v) in [("lr", self.lr), ("clip", self.clip)] {
+        let generator_lr_scale = self.shield.as_ref().map_or(1.0, |s| s.generator_lr_scale);
+        for (name, v) in [
+            ("lr", self.lr),
+            ("clip", self.clip),
+            ("generator_lr_scale", generator_lr_scale),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!("{name} must be a positive number, got {v}"));
             }
@@ -334,7 +415,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.stage == 0 && self.init.is_none() && (self.n == 0 || self.m == 0) {
+        if self.stage == Stage::Pretrain && self.init.is_none() && (self.n == 0 || self.m == 0) {
             return bad("a fresh stage-0 run needs n and m".into());
         }
         Ok(())
@@ -477,33 +558,6 @@ fn prepare_generator(model: ModelFile, shield: &ShieldConfig, seed: u64) -> Resu
     }
 }
 
-/// Loads a semantic target by kind.
-pub fn load_target(kind: &str, weights: &Path, device: &Device) -> Result<Box<dyn SemanticTarget>> {
-    match kind {
-        "efficientnet-lite" => Ok(Box::new(EfficientNetLite::load(weights, device)?)),
-        #[cfg(not(feature = "clip"))]
-        "clip" => Err(Error::InvalidArgument(
-            "the clip target needs psic's `clip` cargo feature".into(),
-        )),
-        #[cfg(feature = "clip")]
-        "clip" => {
-            // weights = a Hugging Face CLIP folder: config.json, model.safetensors,
-            // bpe_simple_vocab_16e6.txt.gz (or merges.txt) and captions.txt (one caption a line).
-            let clip = crate::targets::Clip::load(weights, device)?;
-            if clip.captions().is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "CLIP target {}: no captions.txt (one caption per line) in the folder",
-                    weights.display()
-                )));
-            }
-            Ok(Box::new(clip))
-        }
-        other => Err(Error::InvalidArgument(format!(
-            "unknown target {other:?} (known: efficientnet-lite, clip)"
-        ))),
-    }
-}
-
 impl Trainer {
     /// A fresh run: seeded initialisation (stage 0) or the `init` model file. The target of
     /// stages 1 and 2 is loaded as `[shield]` says.
@@ -532,7 +586,7 @@ impl Trainer {
                 // weights move to `device` in `build`.
                 let cpu = Device::Cpu;
                 let mut model = ModelFile::load(path, &cpu)?;
-                if let Some(shield) = cfg.shield.as_ref().filter(|_| cfg.stage > 0) {
+                if let Some(shield) = cfg.shield.as_ref().filter(|_| cfg.stage.shields()) {
                     model = prepare_generator(model, shield, cfg.seed ^ 0xc17)?;
                 }
                 let conditions = model.conditions()?;
@@ -576,10 +630,10 @@ impl Trainer {
         let backbone = architecture.build(vb.clone())?;
         let conditions = Conditions::default();
         let generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
-            (Architecture::PsicHy2018(c), _) if cfg.stage > 0 => Some(Box::new(
+            (Architecture::PsicHy2018(c), _) if cfg.stage.shields() => Some(Box::new(
                 crate::backbone::PsicHy2018::load_cltg(vb.clone(), c)?,
             )),
-            (_, Some(t)) if cfg.stage > 0 => {
+            (_, Some(t)) if cfg.stage.shields() => {
                 let gen_cfg = CltgConfig::infer_generic(t)?.ok_or_else(|| {
                     Error::Model("the initial model has no cltg.* generator".into())
                 })?;
@@ -598,8 +652,9 @@ impl Trainer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let frozen_analysis = cfg.stage == 2
-            || (cfg.stage == 1 && cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis));
+        let frozen_analysis = cfg.stage == Stage::Privacy
+            || (cfg.stage == Stage::Joint
+                && cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis));
         let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if frozen_analysis {
             (
                 vec![],
@@ -614,8 +669,10 @@ impl Trainer {
                 .partition(|(k, _)| k.ends_with("quantiles"))
         };
         let target = match (&cfg.shield, target) {
-            (_, Some(t)) if cfg.stage > 0 => Some(t),
-            (Some(s), None) if cfg.stage > 0 => Some(load_target(&s.target, &s.weights, device)?),
+            (_, Some(t)) if cfg.stage.shields() => Some(t),
+            (Some(s), None) if cfg.stage.shields() => {
+                Some(load_target(&s.target, &s.weights, device)?)
+            }
             _ => None,
         };
         let folder = crate::data::ImageFolder::open(&cfg.data)?;
@@ -637,7 +694,14 @@ impl Trainer {
         };
         let momentum = cfg.shield.as_ref().map_or(0.0, |s| s.adaptive_momentum);
         Ok(Self {
-            main: Adam::new(main_vars, cfg.lr)?,
+            main: {
+                let mut adam = Adam::new(main_vars, cfg.lr)?;
+                if let Some(s) = &cfg.shield {
+                    let prefix = format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX);
+                    adam.scale_lr(|name| name.starts_with(&prefix), s.generator_lr_scale);
+                }
+                adam
+            },
             aux: Adam::new(aux_vars, cfg.aux_lr)?,
             weighting: AdaptiveWeighting::new(2, 1e-6, momentum)?,
             noise: SplitMix64::new(cfg.seed ^ 0x401e),
@@ -668,7 +732,7 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepStats> {
         let lr = self.cfg.lr_at(self.main.steps() + 1);
         self.main.lr = lr;
-        let mut stats = if self.cfg.stage == 0 {
+        let mut stats = if self.cfg.stage == Stage::Pretrain {
             self.rd_step()?
         } else {
             self.shield_step()?
@@ -718,7 +782,7 @@ impl Trainer {
             .next_annotated_batch(self.cfg.batch, &self.device)?;
         let b = x.dim(0)?;
         let (mut y_tilde, bpp) = super::noisy_latent(self.backbone.as_ref(), &x, &mut self.noise)?;
-        let frozen_analysis = self.cfg.stage == 2 || shield.freeze_analysis;
+        let frozen_analysis = self.cfg.stage == Stage::Privacy || shield.freeze_analysis;
         if frozen_analysis {
             // The analysis side is frozen: keep backward out of it.
             y_tilde = y_tilde.detach();
@@ -812,7 +876,7 @@ impl Trainer {
             &shield.uaeo,
         )?;
         let zero = || Tensor::zeros((), DType::F32, &self.device);
-        let (shield_loss, weights) = if self.cfg.stage == 1 {
+        let (shield_loss, weights) = if self.cfg.stage == Stage::Joint {
             let c = match &terms.clean {
                 Some(t) => (t * shield.clean_weight)?,
                 None => zero()?,
@@ -1104,7 +1168,7 @@ impl Trainer {
                 "source".to_string(),
                 format!(
                     "psic stage-{} training, {} steps",
-                    self.cfg.stage,
+                    self.cfg.stage.number(),
                     self.main.steps()
                 ),
             ),
@@ -1304,9 +1368,15 @@ mod tests {
         let parse = |text: &str| -> TrainConfig { toml::from_str(text).unwrap() };
         assert!(parse(base).check().is_ok());
         for (edit, field) in [
-            (("stage = 1", "stage = 3"), "stage"),
+            (("stage = 1", "stage = 3"), "stage must be 0, 1 or 2"),
+            (("stage = 1", "stage = \"final\""), "stage must be pretrain"),
+            (("stage = 1", "device = \"tpu\"\nstage = 1"), "unknown variant `tpu`"),
             (("crop = 256", "crop = 100"), "multiple of 64"),
             (("lr = 1e-4", "lr = 0.0"), "lr"),
+            (
+                ("lambda_shield = 0.3", "lambda_shield = 0.3\ngenerator_lr_scale = 0.0"),
+                "generator_lr_scale",
+            ),
             (
                 ("lambda_shield = 0.3", "lambda_shield = -0.3"),
                 "lambda_shield",
@@ -1345,10 +1415,24 @@ mod tests {
                 "max_blur_sigma",
             ),
         ] {
-            let cfg = parse(&base.replacen(edit.0, edit.1, 1));
-            let err = cfg.check().expect_err(edit.1).to_string();
+            // A value outside a closed set fails to parse; the others fail the check.
+            let err = match toml::from_str::<TrainConfig>(&base.replacen(edit.0, edit.1, 1)) {
+                Err(e) => e.to_string(),
+                Ok(cfg) => cfg.check().expect_err(edit.1).to_string(),
+            };
             assert!(err.contains(field), "{}: {err}", edit.1);
         }
+        // Stages by number or by name; numbers are written back.
+        let named = parse(&base.replacen("stage = 1", "stage = \"joint\"", 1));
+        assert_eq!(named.stage, Stage::Joint);
+        assert!(toml::to_string(&named).unwrap().contains("stage = 1"));
+        // Target kinds: the known ones and, for your own target, any other name.
+        assert_eq!(named.shield.unwrap().target, TargetKind::EfficientNetLite);
+        let own = parse(&base.replacen("\"efficientnet-lite\"", "\"colour\"", 1));
+        let kind = own.shield.unwrap().target;
+        assert_eq!(kind, TargetKind::Custom("colour".into()));
+        let err = load_target(&kind, Path::new("w"), &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("Trainer::with_target"), "{err}");
     }
 
     #[test]
