@@ -17,11 +17,13 @@
 
 mod hyper;
 mod hyperprior;
+mod mean_scale;
 mod portable;
 mod psic_hy2018;
 mod registry;
 
 pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
+pub use mean_scale::{MeanScaleHyperprior, MeanScaleHyperpriorConfig, MBT2018_MEAN};
 pub use portable::{
     PortableActivation, PortableHyperSynthesis, PortableKind, PortableLayer, PortableParams,
     LEAKY_RELU_SLOPE,
