@@ -22,8 +22,8 @@ use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
 use crate::backbone::{
-    LicBackbone, PsicHy2018, PsicHy2018Config, RegisteredArchitecture, ScaleHyperprior,
-    ScaleHyperpriorConfig, PSIC_HY2018,
+    LicBackbone, MeanScaleHyperprior, MeanScaleHyperpriorConfig, PsicHy2018, PsicHy2018Config,
+    RegisteredArchitecture, ScaleHyperprior, ScaleHyperpriorConfig, MBT2018_MEAN, PSIC_HY2018,
 };
 use crate::bitstream::{Fingerprint, FINGERPRINT_LEN};
 use crate::shield::{
@@ -50,6 +50,8 @@ pub(crate) const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_le
 pub enum Architecture {
     /// Ballé et al. 2018 scale hyperprior (`bmshj2018-hyperprior`).
     ScaleHyperprior(ScaleHyperpriorConfig),
+    /// Minnen et al. 2018 mean-scale hyperprior (`mbt2018-mean`).
+    MeanScaleHyperprior(MeanScaleHyperpriorConfig),
     /// The official PSIC model (`psic-hy2018`): hyperprior with a conditional synthesis.
     PsicHy2018(PsicHy2018Config),
     /// A backbone defined outside psic and registered with
@@ -61,7 +63,7 @@ pub enum Architecture {
 impl Architecture {
     /// The architecture names built into psic (see [`known_names`](Self::known_names) for
     /// these and the registered ones).
-    pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior", PSIC_HY2018];
+    pub const NAMES: &'static [&'static str] = &["bmshj2018-hyperprior", MBT2018_MEAN, PSIC_HY2018];
 
     /// Built-in and registered architecture names.
     pub fn known_names() -> Vec<String> {
@@ -74,6 +76,7 @@ impl Architecture {
     pub fn name(&self) -> &str {
         match self {
             Architecture::ScaleHyperprior(_) => "bmshj2018-hyperprior",
+            Architecture::MeanScaleHyperprior(_) => MBT2018_MEAN,
             Architecture::PsicHy2018(_) => PSIC_HY2018,
             Architecture::Registered(r) => r.name(),
         }
@@ -83,6 +86,7 @@ impl Architecture {
     pub fn config_json(&self) -> serde_json::Value {
         match self {
             Architecture::ScaleHyperprior(c) => serde_json::to_value(c).unwrap_or_default(),
+            Architecture::MeanScaleHyperprior(c) => serde_json::to_value(c).unwrap_or_default(),
             Architecture::PsicHy2018(c) => serde_json::to_value(c).unwrap_or_default(),
             Architecture::Registered(r) => r.config().clone(),
         }
@@ -93,6 +97,9 @@ impl Architecture {
         let bad = |e: serde_json::Error| Error::Model(format!("bad {name} config {config:?}: {e}"));
         match name {
             "bmshj2018-hyperprior" => Ok(Architecture::ScaleHyperprior(
+                serde_json::from_str(config).map_err(bad)?,
+            )),
+            MBT2018_MEAN => Ok(Architecture::MeanScaleHyperprior(
                 serde_json::from_str(config).map_err(bad)?,
             )),
             PSIC_HY2018 => Ok(Architecture::PsicHy2018(
@@ -111,25 +118,11 @@ impl Architecture {
 
     /// Infers the architecture and its size from the tensor names and shapes of a state dict.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let dim = |name: &str, i: usize| crate::tensor_util::state_dim(tensors, name, i);
         if PsicHy2018Config::matches(tensors) {
             return Ok(Architecture::PsicHy2018(PsicHy2018Config::infer(tensors)?));
         }
         if tensors.contains_key("g_s.0.weight") && tensors.contains_key("h_s.4.weight") {
-            let n = dim("g_a.0.weight", 0)?;
-            let m = dim("g_a.6.weight", 0)?;
-            // A mean-scale hyperprior's h_s ends with 2M channels; only the scale variant is
-            // implemented, so refuse rather than mis-load.
-            if dim("h_s.4.weight", 0)? != m {
-                return Err(Error::Model(
-                    "h_s predicts means and scales (mean-scale hyperprior): not supported yet"
-                        .into(),
-                ));
-            }
-            return Ok(Architecture::ScaleHyperprior(ScaleHyperpriorConfig {
-                n,
-                m,
-            }));
+            return Self::infer_hyperprior(tensors);
         }
         for factory in crate::backbone::factories() {
             if let Some(config) = factory.infer_config(tensors) {
@@ -145,10 +138,43 @@ impl Architecture {
         )))
     }
 
+    /// The scale or the mean-scale hyperprior, told apart by the width of `h_s`'s output: `M`
+    /// scales, or `2M` scales and means. CompressAI's joint autoregressive model (`mbt2018`)
+    /// has the mean-scale `h_s` and a context model besides: it is refused, not mis-loaded.
+    fn infer_hyperprior(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let dim = |name: &str, i: usize| crate::tensor_util::state_dim(tensors, name, i);
+        let n = dim("g_a.0.weight", 0)?;
+        let m = dim("g_a.6.weight", 0)?;
+        let h_s_out = dim("h_s.4.weight", 0)?;
+        if h_s_out == m {
+            return Ok(Architecture::ScaleHyperprior(ScaleHyperpriorConfig {
+                n,
+                m,
+            }));
+        }
+        if h_s_out != 2 * m {
+            return Err(Error::Model(format!(
+                "h_s ends with {h_s_out} channels for a latent of {m}: neither a scale (M) nor \
+                 a mean-scale (2M) hyperprior"
+            )));
+        }
+        if tensors.keys().any(|k| k.starts_with("context_prediction.")) {
+            return Err(Error::Model(
+                "the checkpoint has a context model (CompressAI's joint autoregressive mbt2018): \
+                 not supported"
+                    .into(),
+            ));
+        }
+        Ok(Architecture::MeanScaleHyperprior(
+            MeanScaleHyperpriorConfig { n, m },
+        ))
+    }
+
     /// Builds the backbone from weights in `vb`.
     pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn LicBackbone>> {
         Ok(match self {
             Architecture::ScaleHyperprior(c) => Box::new(ScaleHyperprior::new(vb, c)?),
+            Architecture::MeanScaleHyperprior(c) => Box::new(MeanScaleHyperprior::new(vb, c)?),
             Architecture::PsicHy2018(c) => Box::new(PsicHy2018::new(vb, c)?),
             Architecture::Registered(r) => r.build(vb)?,
         })
@@ -158,14 +184,15 @@ impl Architecture {
     pub fn hyper_channels(&self) -> usize {
         match self {
             Architecture::ScaleHyperprior(c) => c.n,
+            Architecture::MeanScaleHyperprior(c) => c.n,
             Architecture::PsicHy2018(c) => c.n,
             Architecture::Registered(r) => r.hyper_channels(),
         }
     }
 
     /// Injection points of a generic (`cltg.*`) trigger generator for this architecture:
-    /// the scale hyperprior's three, a registered backbone's own (built on `device` to ask
-    /// it), none for `psic-hy2018`, whose generator is its own.
+    /// the (mean-)scale hyperprior's three, a registered backbone's own (built on `device` to
+    /// ask it), none for `psic-hy2018`, whose generator is its own.
     fn generic_injection_points(
         &self,
         tensors: &HashMap<String, Tensor>,
@@ -173,6 +200,7 @@ impl Architecture {
     ) -> Result<Vec<usize>> {
         Ok(match self {
             Architecture::ScaleHyperprior(c) => vec![c.n; 3],
+            Architecture::MeanScaleHyperprior(c) => vec![c.n; 3],
             Architecture::PsicHy2018(_) => Vec::new(),
             Architecture::Registered(_) => self
                 .build(VarBuilder::from_tensors(

@@ -1,14 +1,13 @@
 //! Ballé et al. 2018 scale hyperprior (CompressAI's `ScaleHyperprior`, zoo name
 //! `bmshj2018-hyperprior`).
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::hyper::HyperpriorCore;
+use super::hyper::{HyperVariant, HyperpriorCore, IgdnSynthesis};
 use super::{GaussianParams, LicBackbone, PortableParams, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
-use crate::layers::{ConvTranspose2d, Gdn};
 use crate::{Precision, Result};
 
 /// Configuration: `n` channels in the transforms and the hyper-latent, `m` in the latent.
@@ -30,7 +29,7 @@ pub struct ScaleHyperpriorConfig {
 pub struct ScaleHyperprior {
     cfg: ScaleHyperpriorConfig,
     core: HyperpriorCore,
-    g_s: (Vec<ConvTranspose2d>, Vec<Gdn>),
+    g_s: IgdnSynthesis,
 }
 
 impl ScaleHyperprior {
@@ -40,22 +39,11 @@ impl ScaleHyperprior {
     /// the CPU has it, unless `PSIC_PRECISION=f32`).
     pub fn new(vb: VarBuilder, cfg: &ScaleHyperpriorConfig) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
-        let core = HyperpriorCore::new(&vb, n, m)?;
-        let g_s_dims = [(m, n), (n, n), (n, n), (n, 3)];
-        let g_s_convs = g_s_dims
-            .iter()
-            .enumerate()
-            .map(|(i, &(i_c, o_c))| {
-                ConvTranspose2d::new(vb.pp(format!("g_s.{}", 2 * i)), i_c, o_c, 5, 2)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let g_s_gdns = (0..3)
-            .map(|i| Gdn::new(vb.pp(format!("g_s.{}", 2 * i + 1)), n, true))
-            .collect::<Result<Vec<_>>>()?;
+        let core = HyperpriorCore::new(&vb, n, m, HyperVariant::Scale)?;
         let mut model = Self {
             cfg: *cfg,
             core,
-            g_s: (g_s_convs, g_s_gdns),
+            g_s: IgdnSynthesis::new(&vb, n, m)?,
         };
         if model.core.trainable() {
             model.set_transform_precision(Precision::auto())?;
@@ -116,40 +104,20 @@ impl LicBackbone for ScaleHyperprior {
     }
 
     fn synthesis_halo(&self) -> Option<usize> {
-        // Each 5x5 stride-2 transposed convolution reads input rows Y-1..=Y+1 for output rows
-        // 2Y and 2Y+1 (IGDN and the triggers are per pixel): output rows 16a..16b need latent
-        // rows a-2..=b (2 above, 1 below).
-        Some(2)
+        Some(super::hyper::SYNTHESIS_HALO)
     }
 
     fn injection_points(&self) -> Vec<usize> {
-        vec![self.cfg.n; 3]
+        self.g_s.injection_points()
     }
 
     fn synthesis(&self, y_hat: &Tensor, triggers: Option<&Triggers>) -> Result<Tensor> {
-        if let Some(t) = triggers {
-            t.check(&self.injection_points(), y_hat.dims4()?.0)?;
-        }
-        let (convs, gdns) = &self.g_s;
-        let mut h = y_hat.clone();
-        for (i, conv) in convs.iter().enumerate() {
-            h = match gdns.get(i) {
-                Some(gdn) => conv.forward_gdn(&h, gdn)?,
-                None => conv.forward(&h)?,
-            };
-            if let Some(t) = triggers.filter(|_| i < gdns.len()) {
-                h = t.inject(i, &h)?;
-            }
-        }
-        Ok(h)
+        self.g_s.forward(y_hat, triggers)
     }
 
     fn set_transform_precision(&mut self, precision: Precision) -> Result<()> {
         self.core.set_analysis_precision(precision)?;
-        for conv in &mut self.g_s.0 {
-            conv.set_precision(precision)?;
-        }
-        Ok(())
+        self.g_s.set_precision(precision)
     }
 
     fn transform_precision(&self) -> Precision {

@@ -17,12 +17,17 @@
 
 mod hyper;
 mod hyperprior;
+mod mean_scale;
 mod portable;
 mod psic_hy2018;
 mod registry;
 
 pub use hyperprior::{ScaleHyperprior, ScaleHyperpriorConfig};
-pub use portable::{PortableHyperSynthesis, PortableKind, PortableLayer, PortableParams};
+pub use mean_scale::{MeanScaleHyperprior, MeanScaleHyperpriorConfig, MBT2018_MEAN};
+pub use portable::{
+    PortableActivation, PortableHyperSynthesis, PortableKind, PortableLayer, PortableParams,
+    LEAKY_RELU_SLOPE,
+};
 pub use psic_hy2018::{PsicHy2018, PsicHy2018Config, PSIC_HY2018};
 pub(crate) use registry::{factories, factory};
 pub use registry::{

@@ -14,8 +14,10 @@
 //!   kernel taps `(ky, kx)` in row-major order and, within a tap, the input channels in order;
 //!   a term whose input value is zero is skipped; every product and every addition is rounded
 //!   on its own (no fused multiply-add: Rust never contracts `a * b + c`);
-//! - out-of-image taps (zero padding) contribute nothing; a ReLU (`max(v, 0)`) follows each
-//!   layer; the final values are rounded once to f32 (round to nearest even).
+//! - out-of-image taps (zero padding) contribute nothing; each layer's activation follows it
+//!   (a ReLU `max(v, 0)`, a leaky ReLU `v > 0 ? v : v · 0.01`, or none); the final values are
+//!   rounded once to f32 (round to nearest even). A mean-scale hyperprior's last layer gives
+//!   the scales then the means (its channels split in two halves).
 //!
 //! Work is split over output rows and vectorised across output channels (independent sums),
 //! never inside one sum, so the result does not depend on the thread count or the SIMD width.
@@ -52,11 +54,42 @@ pub enum PortableKind {
     Transposed,
 }
 
+/// The activation after a [`PortableLayer`], in f64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortableActivation {
+    /// `max(v, 0)` (NaN becomes 0): Ballé's hyperprior, after every layer of `h_s`.
+    Relu,
+    /// PyTorch's `LeakyReLU()`: `v` where `v > 0`, else `v · 0.01` (the f64 nearest 0.01, one
+    /// rounding): the mean-scale hyperprior, between the layers of `h_s`.
+    LeakyRelu,
+    /// None: the mean-scale hyperprior's last layer (its scales and means).
+    Identity,
+}
+
+/// The negative slope of [`PortableActivation::LeakyRelu`] (PyTorch's default).
+pub const LEAKY_RELU_SLOPE: f64 = 0.01;
+
+impl PortableActivation {
+    /// The activation of one value.
+    #[inline(always)]
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            PortableActivation::Relu if v > 0.0 => v,
+            PortableActivation::Relu => 0.0,
+            PortableActivation::LeakyRelu if v > 0.0 => v,
+            PortableActivation::LeakyRelu => v * LEAKY_RELU_SLOPE,
+            PortableActivation::Identity => v,
+        }
+    }
+}
+
 /// One layer of a portable hyper-synthesis: a square-kernel convolution or transposed
-/// convolution with padding `kernel / 2`, followed by a ReLU.
+/// convolution with padding `kernel / 2`, followed by its activation (a ReLU unless
+/// [`with_activation`](Self::with_activation) says otherwise).
 #[derive(Debug, Clone)]
 pub struct PortableLayer {
     kind: PortableKind,
+    activation: PortableActivation,
     weight: Tensor,
     bias: Tensor,
     stride: usize,
@@ -91,12 +124,19 @@ impl PortableLayer {
         }
         Ok(Self {
             kind,
+            activation: PortableActivation::Relu,
             weight: weight.clone(),
             bias: bias.clone(),
             stride,
             dims: (c_in, c_out, k),
             packed: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// The same layer followed by `activation` instead of a ReLU.
+    pub fn with_activation(mut self, activation: PortableActivation) -> Self {
+        self.activation = activation;
+        self
     }
 
     fn pack(&self) -> Result<Packed> {
@@ -147,7 +187,7 @@ impl PortableLayer {
         }
     }
 
-    /// Runs the layer and its ReLU on one `[c_in, h, w]` image (f64, planar).
+    /// Runs the layer and its activation on one `[c_in, h, w]` image (f64, planar).
     fn run(&self, x: &[f64], h: usize, w: usize) -> Result<(Vec<f64>, usize, usize)> {
         let (c_in, c_out, k) = self.dims;
         if x.len() != c_in * h * w || h == 0 || w == 0 {
@@ -206,9 +246,9 @@ impl PortableLayer {
                         pairs: &pairs,
                     };
                     job.run(&mut acc);
-                    // ReLU, transposed to planar order below.
+                    // The activation, transposed to planar order below.
                     row_out.clear();
-                    row_out.extend(acc.iter().map(|&v| if v > 0.0 { v } else { 0.0 }));
+                    row_out.extend(acc.iter().map(|&v| self.activation.apply(v)));
                 }
             };
             let mut rows = vec![Vec::new(); ho];
@@ -290,12 +330,13 @@ impl RowJob<'_> {
     }
 }
 
-/// A portable hyper-synthesis: layers applied in order, each followed by a ReLU; the output of
-/// the last layer is the scales (zero-mean models: a mean-scale hyperprior's means, which have no
-/// ReLU, are not expressible yet, and such backbones keep the float path).
+/// A portable hyper-synthesis: layers applied in order, each followed by its activation; the
+/// output of the last layer is the scales, or, [`with_means`](Self::with_means), the scales in
+/// its first half of channels and the means in the second (CompressAI's `chunk(2, 1)`).
 #[derive(Debug, Clone)]
 pub struct PortableHyperSynthesis {
     layers: Vec<PortableLayer>,
+    means: bool,
 }
 
 impl PortableHyperSynthesis {
@@ -306,7 +347,24 @@ impl PortableHyperSynthesis {
                 "portable hyper-synthesis: layer widths do not chain".into(),
             ));
         }
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            means: false,
+        })
+    }
+
+    /// The same layers with the last one's output split into scales (first half of its
+    /// channels) and means (second half), as a mean-scale hyperprior's `h_s`. The last layer
+    /// must have an even number of output channels.
+    pub fn with_means(mut self) -> Result<Self> {
+        let c = self.layers.last().map_or(0, |l| l.dims.1);
+        if c % 2 != 0 {
+            return Err(Error::Model(format!(
+                "portable hyper-synthesis: {c} output channels cannot split into scales and means"
+            )));
+        }
+        self.means = true;
+        Ok(self)
     }
 
     /// Runs on `z_hat` `[B, N, h, w]` (any device; read back to the CPU).
@@ -320,8 +378,10 @@ impl PortableHyperSynthesis {
         }
         let z = tensor_to_f32(z_hat)?;
         let per = c * h * w;
-        let c_y = self.layers.last().map_or(0, |l| l.dims.1);
+        let c_out = self.layers.last().map_or(0, |l| l.dims.1);
+        let c_y = if self.means { c_out / 2 } else { c_out };
         let mut scales = Vec::new();
+        let mut means = Vec::new();
         let mut shape = (b, c_y, 0, 0);
         for i in 0..b {
             let mut x: Vec<f64> = z[i * per..(i + 1) * per]
@@ -333,12 +393,15 @@ impl PortableHyperSynthesis {
                 (x, hh, ww) = l.run(&x, hh, ww)?;
             }
             shape = (b, c_y, hh, ww);
-            scales.extend(x.iter().map(|&v| v as f32));
+            // Per item the output is `[c_out, hh, ww]`: the scales are its first `c_y` planes.
+            let (s, m) = x.split_at(c_y * hh * ww);
+            scales.extend(s.iter().map(|&v| v as f32));
+            means.extend(m.iter().map(|&v| v as f32));
         }
         Ok(PortableParams {
             shape,
             scales,
-            means: None,
+            means: self.means.then_some(means),
         })
     }
 }

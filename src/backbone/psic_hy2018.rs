@@ -8,7 +8,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::hyper::HyperpriorCore;
+use super::hyper::{HyperVariant, HyperpriorCore};
 use super::{GaussianParams, LicBackbone, PortableParams, Triggers};
 use crate::entropy::{EntropyBottleneck, GaussianConditional};
 use crate::layers::{Conv2d, Gdn, SubpelConv2d};
@@ -165,7 +165,7 @@ impl PsicHy2018 {
     /// Loads (or creates, for training) the backbone from `vb` (the model's root builder).
     pub fn new(vb: VarBuilder, cfg: &PsicHy2018Config) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
-        let core = HyperpriorCore::new(&vb, n, m)?;
+        let core = HyperpriorCore::new(&vb, n, m, HyperVariant::Scale)?;
         let st = vb.pp("g_s_cond.synthesis_transform");
         let cond_res = (0..4)
             .map(|i| CondRes::new(st.pp(2 * i), if i == 0 { m } else { n }, n))

@@ -1,10 +1,10 @@
 //! The backbone registry: backbones defined outside psic, built from model files by name.
 //!
-//! psic's own architectures (`bmshj2018-hyperprior`, `psic-hy2018`) are built in. Another crate
-//! (or a program) adds its own with [`register_backbone`]: a [`BackboneFactory`] names the
-//! architecture and builds a [`LicBackbone`] from the model file's configuration (JSON) and
-//! weights. From then on a model file whose `architecture` metadata carries that name loads
-//! like any other ([`ModelFile::load`](crate::ModelFile::load),
+//! psic's own architectures (`bmshj2018-hyperprior`, `mbt2018-mean`, `psic-hy2018`) are built
+//! in. Another crate (or a program) adds its own with [`register_backbone`]: a
+//! [`BackboneFactory`] names the architecture and builds a [`LicBackbone`] from the model
+//! file's configuration (JSON) and weights. From then on a model file whose `architecture`
+//! metadata carries that name loads like any other ([`ModelFile::load`](crate::ModelFile::load),
 //! [`Codec::load`](crate::Codec::load)), is fingerprinted from its name, configuration and
 //! tensors, can be shielded with [`ModelFile::with_new_cltg`](crate::ModelFile::with_new_cltg)
 //! when it declares injection points, and trains with psic's trainer (its parameter groups come
@@ -346,7 +346,14 @@ mod tests {
                 Err(Error::Model("never built".into()))
             }
         }
-        for bad in ["bmshj2018-hyperprior", "psic-hy2018", "", "a b", "é"] {
+        for bad in [
+            "bmshj2018-hyperprior",
+            "mbt2018-mean",
+            "psic-hy2018",
+            "",
+            "a b",
+            "é",
+        ] {
             assert!(register_backbone(Named(bad)).is_err(), "{bad:?}");
         }
         let unknown =

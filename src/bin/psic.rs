@@ -169,7 +169,8 @@ struct ConvertArgs {
     /// The psic model file to write (.safetensors).
     #[arg(short, long)]
     output: PathBuf,
-    /// The architecture (bmshj2018-hyperprior, psic-hy2018, or a registered backbone).
+    /// The architecture (bmshj2018-hyperprior, mbt2018-mean, psic-hy2018, or a registered
+    /// backbone).
     #[arg(short, long)]
     arch: Option<String>,
 }
