@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 /// Errors of psic. Bad input (corrupt bitstreams, foreign models, bad images, missing files) always
 /// lands here with a message that says what was wrong; psic does not panic on input it did not make.
+/// New variants may come in minor releases (`#[non_exhaustive]`): match the ones you handle.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]

@@ -45,8 +45,10 @@ pub const MAX_MODEL_FILE_LEN: u64 = 1 << 30;
 pub(crate) const INT_BUFFERS: [&str; 3] = ["_quantized_cdf", "_offset", "_cdf_length"];
 
 /// The architectures psic can build, with their configurations: the built-in ones and those
-/// registered with [`register_backbone`](crate::backbone::register_backbone).
+/// registered with [`register_backbone`](crate::backbone::register_backbone). New built-in
+/// architectures may come in minor releases (`#[non_exhaustive]`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Architecture {
     /// Ballé et al. 2018 scale hyperprior (`bmshj2018-hyperprior`).
     ScaleHyperprior(ScaleHyperpriorConfig),
