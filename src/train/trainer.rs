@@ -521,7 +521,7 @@ impl std::fmt::Debug for Trainer {
 }
 
 /// Names of variables that are buffers, not parameters.
-fn is_buffer(name: &str) -> bool {
+pub(crate) fn is_buffer(name: &str) -> bool {
     name.ends_with("scale_table") || crate::model::INT_BUFFERS.iter().any(|b| name.ends_with(b))
 }
 
