@@ -749,7 +749,7 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
     let enc_s = t.elapsed().as_secs_f64();
     write_output(&a.output, &bytes)?;
     ui.status(format_args!(
-        "{}x{} -> {} bytes, {:.4} bpp at level {}/{}; model load {load_s:.2} s, encode {enc_s:.2} s",
+        "{}x{} -> {} bytes, {:.4} bpp at level {} (of {}); model load {load_s:.2} s, encode {enc_s:.2} s",
         img.width(),
         img.height(),
         bytes.len(),
