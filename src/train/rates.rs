@@ -93,7 +93,7 @@ fn trainable_backbone(model: &ModelFile, device: &Device) -> Result<Box<dyn LicB
         let mut data = varmap.data().lock().expect("VarMap lock");
         // As the trainer loads a model: the float weights; the buffers are rebuilt.
         for (name, t) in &model.tensors {
-            if t.dtype().is_float() && !super::trainer::is_buffer(name) {
+            if super::trainer::is_trained_weight(name, t) {
                 let t = t.to_dtype(DType::F32)?.to_device(device)?;
                 data.insert(name.clone(), Var::from_tensor(&t)?);
             }
