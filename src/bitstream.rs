@@ -1,13 +1,16 @@
-//! The psic bitstream container (versions 1 and 2). `docs/FORMAT.md` is the normative
+//! The psic bitstream container (versions 1 to 3). `docs/FORMAT.md` is the normative
 //! description.
 //!
 //! ```text
 //! offset size  field
 //!  0     4     magic "PSIC"
-//!  4     2     format version (u16 LE): 1 (float entropy path) or 2
+//!  4     2     format version (u16 LE): 1 (float entropy path), 2 or 3 (quality level)
 //!  6     2     version 1: flags (u16 LE), must be 0
 //!              version 2: entropy path (u8: 1 portable), then flags (u8), must be 0
+//!              version 3: entropy path (u8: 0 float, 1 portable), then the level (u8)
 //!  8     16    model fingerprint (first 16 bytes of the model's SHA-256)
+//!              version 3 only: 8 bytes, the level check (RateLevels::check); the offsets
+//!              below then move by 8
 //! 24     4+4   original width, height (u32 LE)
 //! 32     2+2   padding added on the right, at the bottom (u16 LE)
 //! 36     12    y shape C, H, W (u32 LE each)
@@ -17,14 +20,16 @@
 //! end-4  4     CRC-32 (IEEE) of every byte before it
 //! ```
 
+use crate::rate::LEVEL_CHECK_LEN;
 use crate::{Error, Result};
 
 /// The four magic bytes that open every psic stream.
 pub const MAGIC: [u8; 4] = *b"PSIC";
-/// The newest format version this build reads and writes. Streams on the float entropy path
-/// are still written as version 1 (byte for byte what earlier builds wrote); streams on the
-/// portable path are version 2.
-pub const VERSION: u16 = 2;
+/// The newest format version this build reads and writes. Streams of a model without quality
+/// levels are written as before: version 1 on the float entropy path (byte for byte what
+/// earlier builds wrote), version 2 on the portable path; streams of a model with levels are
+/// version 3 (either path), which adds the level.
+pub const VERSION: u16 = 3;
 /// Length of a model fingerprint in bytes.
 pub const FINGERPRINT_LEN: usize = 16;
 /// Largest accepted image side, to bound allocations on hostile input.
@@ -74,6 +79,16 @@ impl EntropyPath {
     }
 }
 
+/// The quality level of a version-3 stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamLevel {
+    /// The level's index in the model.
+    pub index: u8,
+    /// The check of the level's gains ([`RateLevels::check`](crate::rate::RateLevels::check)):
+    /// a decoder whose level has other gains refuses the stream.
+    pub check: [u8; LEVEL_CHECK_LEN],
+}
+
 /// Everything a psic stream holds, parsed and checked for internal consistency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bitstream {
@@ -93,6 +108,9 @@ pub struct Bitstream {
     pub z_shape: [u32; 3],
     /// How the `y` table indexes were computed (version 1: always [`EntropyPath::Float`]).
     pub entropy_path: EntropyPath,
+    /// The quality level (version 3); `None`: the implicit level of a model without levels,
+    /// all gains 1 (versions 1 and 2).
+    pub level: Option<StreamLevel>,
     /// The entropy-coded strings (for the hyperprior: `y` then `z`).
     pub strings: Vec<Vec<u8>>,
 }
@@ -134,6 +152,16 @@ impl<'a> Reader<'a> {
 }
 
 impl Bitstream {
+    /// The format version of the stream: 3 with a level, else 1 on the float path and 2 on the
+    /// portable one (every stream has one encoding).
+    pub fn version(&self) -> u16 {
+        match (self.level, self.entropy_path) {
+            (Some(_), _) => 3,
+            (None, EntropyPath::Float) => 1,
+            (None, _) => 2,
+        }
+    }
+
     /// Serialises the stream.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         if self.strings.len() > MAX_STRINGS {
@@ -145,18 +173,17 @@ impl Bitstream {
         let body: usize = self.strings.iter().map(|s| 4 + s.len()).sum();
         let mut out = Vec::with_capacity(HEADER_LEN + body + 4);
         out.extend_from_slice(&MAGIC);
-        match self.entropy_path {
-            // Exactly the version-1 header of earlier builds.
-            EntropyPath::Float => {
-                out.extend_from_slice(&1u16.to_le_bytes());
-                out.extend_from_slice(&0u16.to_le_bytes());
-            }
-            path => {
-                out.extend_from_slice(&2u16.to_le_bytes());
-                out.extend_from_slice(&[path.code(), 0]);
-            }
-        }
+        out.extend_from_slice(&self.version().to_le_bytes());
+        out.extend_from_slice(&match self.level {
+            Some(level) => [self.entropy_path.code(), level.index],
+            // Version 1: flags 0 (exactly the header of earlier builds); version 2: flags 0.
+            None if self.entropy_path == EntropyPath::Float => [0, 0],
+            None => [self.entropy_path.code(), 0],
+        });
         out.extend_from_slice(&self.fingerprint);
+        if let Some(level) = self.level {
+            out.extend_from_slice(&level.check);
+        }
         out.extend_from_slice(&self.width.to_le_bytes());
         out.extend_from_slice(&self.height.to_le_bytes());
         out.extend_from_slice(&self.pad_right.to_le_bytes());
@@ -211,29 +238,15 @@ impl Bitstream {
             data: payload,
             pos: 6,
         };
-        let entropy_path = if version == 1 {
-            if r.u16()? != 0 {
-                return Err(Error::Bitstream("unknown flags set in header".into()));
-            }
-            EntropyPath::Float
-        } else {
-            let b = r.take(2)?;
-            if b[1] != 0 {
-                return Err(Error::Bitstream("unknown flags set in header".into()));
-            }
-            // Float streams are always version 1, so every stream has one encoding.
-            match EntropyPath::from_code(b[0]) {
-                Some(EntropyPath::Float) | None => {
-                    return Err(Error::Bitstream(format!(
-                        "entropy path {} in a version-2 header (this build knows 1; float \
-                         streams are version 1)",
-                        b[0]
-                    )))
-                }
-                Some(path) => path,
-            }
-        };
+        let (entropy_path, level_index) = read_path_and_level(&mut r, version)?;
         let fingerprint: Fingerprint = r.take(FINGERPRINT_LEN)?.try_into().expect("16 bytes");
+        let level = match level_index {
+            Some(index) => Some(StreamLevel {
+                index,
+                check: r.take(LEVEL_CHECK_LEN)?.try_into().expect("8 bytes"),
+            }),
+            None => None,
+        };
         let (width, height) = (r.u32()?, r.u32()?);
         let (pad_right, pad_bottom) = (r.u16()?, r.u16()?);
         let (y_shape, z_shape) = (r.shape()?, r.shape()?);
@@ -268,8 +281,42 @@ impl Bitstream {
             y_shape,
             z_shape,
             entropy_path,
+            level,
             strings,
         })
+    }
+}
+
+/// Header bytes 6–7: the entropy path and, for version 3, the level index.
+fn read_path_and_level(r: &mut Reader<'_>, version: u16) -> Result<(EntropyPath, Option<u8>)> {
+    if version == 1 {
+        if r.u16()? != 0 {
+            return Err(Error::Bitstream("unknown flags set in header".into()));
+        }
+        return Ok((EntropyPath::Float, None));
+    }
+    let b = r.take(2)?;
+    let path = EntropyPath::from_code(b[0]);
+    if version == 3 {
+        let path = path.ok_or_else(|| {
+            Error::Bitstream(format!(
+                "entropy path {} in a version-3 header (this build knows 0 and 1)",
+                b[0]
+            ))
+        })?;
+        return Ok((path, Some(b[1])));
+    }
+    if b[1] != 0 {
+        return Err(Error::Bitstream("unknown flags set in header".into()));
+    }
+    // Float streams without a level are always version 1, so every stream has one encoding.
+    match path {
+        Some(EntropyPath::Float) | None => Err(Error::Bitstream(format!(
+            "entropy path {} in a version-2 header (this build knows 1; float streams are \
+             version 1)",
+            b[0]
+        ))),
+        Some(path) => Ok((path, None)),
     }
 }
 
@@ -287,7 +334,30 @@ mod tests {
             y_shape: [8, 4, 8],
             z_shape: [4, 1, 2],
             entropy_path: EntropyPath::Portable,
+            level: None,
             strings: vec![vec![1, 2, 3, 4], vec![9; 8]],
+        }
+    }
+
+    #[test]
+    fn version_3_carries_the_level() {
+        for path in [EntropyPath::Float, EntropyPath::Portable] {
+            let b = Bitstream {
+                entropy_path: path,
+                level: Some(StreamLevel {
+                    index: 5,
+                    check: [3; LEVEL_CHECK_LEN],
+                }),
+                ..sample()
+            };
+            let bytes = b.to_bytes().unwrap();
+            assert_eq!(&bytes[4..8], &[3, 0, path.code(), 5]);
+            assert_eq!(&bytes[24..32], &[3; LEVEL_CHECK_LEN]);
+            assert_eq!(
+                bytes.len(),
+                sample().to_bytes().unwrap().len() + LEVEL_CHECK_LEN
+            );
+            assert_eq!(Bitstream::from_bytes(&bytes).unwrap(), b);
         }
     }
 
@@ -343,10 +413,10 @@ mod tests {
     #[test]
     fn newer_version_is_a_typed_error() {
         let mut bytes = sample().to_bytes().unwrap();
-        bytes[4] = 3;
+        bytes[4] = 4;
         assert!(matches!(
             Bitstream::from_bytes(&bytes),
-            Err(Error::UnsupportedVersion { found: 3, .. })
+            Err(Error::UnsupportedVersion { found: 4, .. })
         ));
     }
 }

@@ -6,9 +6,12 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::backbone::{LicBackbone, Triggers};
-use crate::bitstream::{fingerprint_hex, Bitstream, EntropyPath, Fingerprint, MAX_SIDE};
-use crate::entropy::{EntropyCoder, RansCoder};
+use crate::bitstream::{
+    fingerprint_hex, Bitstream, EntropyPath, Fingerprint, StreamLevel, MAX_SIDE,
+};
+use crate::entropy::{EntropyCoder, LatentLevel, RansCoder};
 use crate::model::ModelFile;
+use crate::rate::RateLevels;
 use crate::shield::{Condition, Conditions, TriggerGenerator};
 use crate::{Error, Precision, Result};
 
@@ -27,6 +30,8 @@ pub struct Codec {
     max_pixels: u64,
     entropy_path: EntropyPath,
     tile_pixels: u64,
+    levels: Option<RateLevels>,
+    level: usize,
 }
 
 /// Default limit on the pixels of an image to encode or a stream to decode (16.8 MP, e.g.
@@ -52,6 +57,8 @@ impl std::fmt::Debug for Codec {
             .field("fingerprint", &fingerprint_hex(&self.fingerprint))
             .field("conditions", &self.conditions())
             .field("entropy_path", &self.entropy_path)
+            .field("levels", &self.levels())
+            .field("level", &self.level)
             .finish()
     }
 }
@@ -83,8 +90,11 @@ impl Codec {
     /// Its transforms run at [`Precision::auto`] (bf16 on CPUs with AVX512-BF16 unless
     /// `PSIC_PRECISION=f32`): see [`with_precision`](Self::with_precision).
     pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
-        let codec = Self::new(model.build_backbone(device)?, model.fingerprint()?)
+        let mut codec = Self::new(model.build_backbone(device)?, model.fingerprint()?)
             .with_precision(Precision::auto())?;
+        if let Some(levels) = model.rate_levels()? {
+            codec = codec.with_rate_levels(levels)?;
+        }
         // The generator and the conditions come together or not at all: a shielded model that
         // lost either must not load as a plain codec (its default decode would be the full one).
         match (model.build_generator(device)?, model.conditions()?) {
@@ -136,7 +146,90 @@ impl Codec {
             max_pixels: DEFAULT_MAX_PIXELS,
             entropy_path: EntropyPath::Portable,
             tile_pixels: crate::tiles::DEFAULT_TILE_PIXELS,
+            levels: None,
+            level: 0,
         }
+    }
+
+    /// Gives the codec quality levels (one gain per latent channel per level, [`crate::rate`]);
+    /// it then writes version-3 streams at [`level`](Self::level) (level 0 until
+    /// [`with_level`](Self::with_level) says otherwise) and decodes the streams of its levels.
+    pub fn with_rate_levels(mut self, levels: RateLevels) -> Result<Self> {
+        let m = self.backbone.latent_channels();
+        if levels.channels() != m {
+            return Err(Error::Model(format!(
+                "{} has {} gains per level for a latent of {m} channels",
+                crate::rate::GAINS_TENSOR,
+                levels.channels()
+            )));
+        }
+        self.levels = Some(levels);
+        self.level = 0;
+        Ok(self)
+    }
+
+    /// Sets the quality level of the streams this codec writes: `0..levels()`
+    /// ([`Error::UnknownLevel`] otherwise). Decoding always follows the stream's own level.
+    pub fn with_level(mut self, level: usize) -> Result<Self> {
+        if level >= self.levels() {
+            return Err(Error::UnknownLevel {
+                level,
+                levels: self.levels(),
+            });
+        }
+        self.level = level;
+        Ok(self)
+    }
+
+    /// The number of quality levels: those of the model's `rate.gains`, or 1 (the implicit
+    /// level, all gains 1) for a model without levels.
+    pub fn levels(&self) -> usize {
+        self.levels.as_ref().map_or(1, RateLevels::len)
+    }
+
+    /// The quality level of the streams this codec writes.
+    pub fn level(&self) -> usize {
+        self.level
+    }
+
+    /// The model's quality levels; `None` for a model without levels.
+    pub fn rate_levels(&self) -> Option<&RateLevels> {
+        self.levels.as_ref()
+    }
+
+    /// The gains and header level of the streams this codec writes.
+    fn encoding_level(&self) -> (Option<&[f32]>, Option<StreamLevel>) {
+        let Some(levels) = &self.levels else {
+            return (None, None);
+        };
+        let header = levels.check(self.level).map(|check| StreamLevel {
+            index: self.level as u8,
+            check,
+        });
+        (levels.gains(self.level), header)
+    }
+
+    /// The gains of a stream's level: `None` (all 1) for a stream without a level; a typed
+    /// error for a level this model lacks or has with other gains.
+    fn stream_gains(&self, level: Option<StreamLevel>) -> Result<Option<&[f32]>> {
+        let Some(level) = level else {
+            return Ok(None);
+        };
+        let index = usize::from(level.index);
+        let levels = self.levels.as_ref().ok_or(Error::UnknownLevel {
+            level: index,
+            levels: 1,
+        })?;
+        if levels.check(index) != Some(level.check) {
+            return Err(match levels.gains(index) {
+                None => Error::UnknownLevel {
+                    level: index,
+                    levels: levels.len(),
+                },
+                Some(_) => Error::LevelMismatch { level: index },
+            });
+        }
+        Ok(levels.gains(index))
     }
 
     /// Sets the entropy path of the streams this codec writes (decoding always follows the
@@ -156,12 +249,14 @@ impl Codec {
         self.entropy_path
     }
 
-    /// The `y` table indexes and means from `z_hat` on `path`, and the path actually taken (a
-    /// backbone without a portable hyper-synthesis falls back to the float path when encoding).
+    /// The `y` table indexes (of the scales `σ·g` of the level's `gains`) and means from
+    /// `z_hat` on `path`, and the path actually taken (a backbone without a portable
+    /// hyper-synthesis falls back to the float path when encoding).
     fn entropy_params(
         &self,
         z_hat: &Tensor,
         path: EntropyPath,
+        gains: Option<&[f32]>,
         decoding: bool,
     ) -> Result<(Vec<i32>, Option<Tensor>, EntropyPath)> {
         let b = self.backbone.as_ref();
@@ -169,11 +264,12 @@ impl Codec {
         if path == EntropyPath::Portable {
             match b.hyper_synthesis_portable(z_hat)? {
                 Some(p) => {
+                    let indexes = gc.indexes_at(p.scales, p.shape, gains)?;
                     let means = p
                         .means
                         .map(|m| Tensor::from_vec(m, p.shape, b.device()))
                         .transpose()?;
-                    return Ok((gc.indexes_of(&p.scales), means, path));
+                    return Ok((indexes, means, path));
                 }
                 None if decoding => {
                     return Err(Error::Bitstream(format!(
@@ -185,7 +281,8 @@ impl Codec {
             }
         }
         let params = b.hyper_synthesis(z_hat)?;
-        let indexes = gc.build_indexes(&params.scales)?;
+        let scales = crate::tensor_util::tensor_to_f32(&params.scales)?;
+        let indexes = gc.indexes_at(scales, params.scales.dims4()?, gains)?;
         Ok((indexes, params.means, EntropyPath::Float))
     }
 
@@ -304,10 +401,12 @@ impl Codec {
         let eb = b.entropy_bottleneck();
         let z_strings = eb.compress(&z, self.coder.as_ref())?;
         let z_hat = eb.quantize(&z)?;
+        let (gains, level) = self.encoding_level();
         let (indexes, means, entropy_path) =
-            self.entropy_params(&z_hat, self.entropy_path, false)?;
+            self.entropy_params(&z_hat, self.entropy_path, gains, false)?;
         let gc = b.gaussian_conditional();
-        let y_strings = gc.compress(&y, &indexes, means.as_ref(), self.coder.as_ref())?;
+        let coder = self.coder.as_ref();
+        let y_strings = gc.compress_at(&y, &indexes, means.as_ref(), gains, coder)?;
         let shape3 = |t: &Tensor| -> Result<[u32; 3]> {
             let (_, c, h, w) = t.dims4()?;
             Ok([c as u32, h as u32, w as u32])
@@ -321,6 +420,7 @@ impl Codec {
             y_shape: shape3(&y)?,
             z_shape: shape3(&z)?,
             entropy_path,
+            level,
             strings: vec![
                 y_strings.into_iter().next().unwrap_or_default(),
                 z_strings.into_iter().next().unwrap_or_default(),
@@ -346,6 +446,7 @@ impl Codec {
                 model: fingerprint_hex(&self.fingerprint),
             });
         }
+        self.stream_gains(s.level)?;
         let b = self.backbone.as_ref();
         let (align, stride) = (b.alignment() as u32, b.latent_stride() as u32);
         let (pw, ph) = (s.width + s.pad_right as u32, s.height + s.pad_bottom as u32);
@@ -381,13 +482,17 @@ impl Codec {
         let z_hat = b
             .entropy_bottleneck()
             .decompress(&[&stream.strings[1]], (zh, zw), coder)?;
-        let (indexes, means, _) = self.entropy_params(&z_hat, stream.entropy_path, true)?;
-        let gc = b.gaussian_conditional();
-        let y_hat = gc.decompress(
+        let gains = self.stream_gains(stream.level)?;
+        let (indexes, means, _) = self.entropy_params(&z_hat, stream.entropy_path, gains, true)?;
+        let level = LatentLevel {
+            means: means.as_ref(),
+            gains,
+        };
+        let y_hat = b.gaussian_conditional().decompress_at(
             &[&stream.strings[0]],
             &indexes,
             (1, c, yh, yw),
-            means.as_ref(),
+            level,
             coder,
             b.device(),
         )?;

@@ -49,6 +49,28 @@ pub enum Error {
         model: String,
     },
 
+    /// The stream was coded at a quality level the decoding model does not have (or a level was
+    /// asked of a model without it).
+    #[error(
+        "quality level {level} is not in this model, which has {levels} level(s) (0..{levels}): load the model that encoded it, or one with its levels (psic rates)"
+    )]
+    UnknownLevel {
+        /// The level asked for or found in the stream.
+        level: usize,
+        /// The number of levels of the model (1 for a model without levels).
+        levels: usize,
+    },
+
+    /// The stream's quality level was coded with other channel gains than the decoding model's
+    /// level of that index (the same base model with other fitted levels).
+    #[error(
+        "quality level {level} of this stream was coded with other gains than this model's level {level}: load the model that encoded it"
+    )]
+    LevelMismatch {
+        /// The level of the stream.
+        level: usize,
+    },
+
     /// The entropy coder met data it cannot code (hostile or corrupted strings, invalid tables).
     #[error("entropy coding: {0}")]
     EntropyCoding(String),

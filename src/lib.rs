@@ -64,6 +64,7 @@ pub mod model;
 #[cfg(feature = "eval")]
 pub mod plot;
 pub mod precision;
+pub mod rate;
 pub mod shield;
 pub mod targets;
 mod tensor_util;

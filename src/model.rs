@@ -12,7 +12,8 @@
 //!
 //! Tensors keep CompressAI's names. The model's *fingerprint*, written into every bitstream, is
 //! the first 16 bytes of a SHA-256 over the architecture, the configuration and every tensor
-//! (name, dtype, shape, bytes) in name order.
+//! (name, dtype, shape, bytes) in name order, except the generic trigger generator (`cltg.*`)
+//! and the quality levels (`rate.*`, [`crate::rate`]: a stream carries its own level's check).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -646,6 +647,38 @@ impl ModelFile {
         Ok(shielded.then(Conditions::default))
     }
 
+    /// The model's quality levels (`rate.gains` and the `rate.levels` metadata); `None` for a
+    /// model without levels (one implicit level, all gains 1).
+    pub fn rate_levels(&self) -> Result<Option<crate::rate::RateLevels>> {
+        use crate::rate::{RateLevels, GAINS_TENSOR, LEVELS_METADATA, TENSOR_PREFIX};
+        if let Some(k) = self
+            .tensors
+            .keys()
+            .find(|k| k.starts_with(TENSOR_PREFIX) && k.as_str() != GAINS_TENSOR)
+        {
+            return Err(Error::Model(format!("unknown quality-level tensor {k}")));
+        }
+        RateLevels::from_model_parts(
+            self.tensors.get(GAINS_TENSOR),
+            self.extra_metadata.get(LEVELS_METADATA),
+        )
+    }
+
+    /// This model with `levels` as its quality levels (replacing any it had); `None` removes
+    /// them. The fingerprint does not change.
+    pub fn with_rate_levels(&self, levels: Option<&crate::rate::RateLevels>) -> Result<Self> {
+        use crate::rate::{GAINS_TENSOR, LEVELS_METADATA};
+        let mut out = self.clone();
+        out.tensors.remove(GAINS_TENSOR);
+        out.extra_metadata.remove(LEVELS_METADATA);
+        if let Some(l) = levels {
+            out.tensors.insert(GAINS_TENSOR.into(), l.gains_tensor()?);
+            out.extra_metadata
+                .insert(LEVELS_METADATA.into(), l.metadata_json());
+        }
+        Ok(out)
+    }
+
     /// The model's fingerprint (see the module docs).
     pub fn fingerprint(&self) -> Result<Fingerprint> {
         let mut h = Sha256::new();
@@ -656,11 +689,13 @@ impl ModelFile {
         h.update(self.architecture.config_json().to_string().as_bytes());
         // The trigger generator of a wrapped backbone is left out: shielding a backbone must not
         // change its streams (a wrapped model reads the plain model's streams and vice versa).
+        // So are the quality levels: adding levels keeps the model's level-less streams
+        // decodable, and each level-3 stream carries the check of its own level's gains.
         let prefix = format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX);
         let mut names: Vec<&String> = self
             .tensors
             .keys()
-            .filter(|k| !k.starts_with(&prefix))
+            .filter(|k| !k.starts_with(&prefix) && !k.starts_with(crate::rate::TENSOR_PREFIX))
             .collect();
         names.sort();
         for name in names {

@@ -184,7 +184,7 @@ fn encode_decode_info_and_errors() {
 fn subcommands() -> Vec<&'static str> {
     let mut all = vec![
         "shield", "encode", "decode", "info", "convert", "export", "bench", "train", "psnr",
-        "classify",
+        "classify", "rates",
     ];
     if cfg!(feature = "eval") {
         all.extend(["eval", "tradeoff"]);
@@ -281,7 +281,7 @@ fn jpeg_output_and_stdin_stdout_pipes() {
         let o = run(
             &bin,
             &[
-                "-q",
+                "--quiet",
                 "decode",
                 "-m",
                 &model,
@@ -656,5 +656,105 @@ fn endless_input_is_refused_and_failed_writes_leave_no_temporary_file() {
         .collect();
     left.sort();
     assert_eq!(left, ["in.png", "m.safetensors"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn rates_adds_levels_and_encode_q_picks_one() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-rates-{}", std::process::id()));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    tiny_model_and_image(&dir);
+    for i in 0..6u32 {
+        image::RgbImage::from_fn(72, 70, |x, y| {
+            image::Rgb([(x * 3 + i) as u8, y as u8 * 2, 77])
+        })
+        .save(data.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let data_arg = data.to_string_lossy().into_owned();
+    let args = [
+        "rates",
+        "-m",
+        &p("m.safetensors"),
+        "--data",
+        &data_arg,
+        "-p",
+        "0",
+        "--lambdas",
+        "0.001,0.1",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--crop",
+        "64",
+        "--out",
+        &p("lv.safetensors"),
+    ];
+    let o = run(&bin, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for q in ["0", "1"] {
+        let out = p(&format!("q{q}.psic"));
+        let enc = [
+            "encode",
+            "-m",
+            &p("lv.safetensors"),
+            "-q",
+            q,
+            "-i",
+            &p("in.png"),
+            "-o",
+            &out,
+        ];
+        let o = run(&bin, &enc);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run(&bin, &["info", "-i", &out]);
+        let info = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(info.contains(&format!("v3, level {q}")), "{info}");
+        let dec = [
+            "decode",
+            "-m",
+            &p("lv.safetensors"),
+            "-i",
+            &out,
+            "-o",
+            &p("q.png"),
+        ];
+        assert!(run(&bin, &dec).status.success());
+        // The model without levels refuses the stream, naming the level.
+        let dec = [
+            "decode",
+            "-m",
+            &p("m.safetensors"),
+            "-i",
+            &out,
+            "-o",
+            &p("x.png"),
+        ];
+        let o = run(&bin, &dec);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains(&format!("quality level {q}")),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let enc = [
+        "encode",
+        "-m",
+        &p("lv.safetensors"),
+        "-q",
+        "2",
+        "-i",
+        &p("in.png"),
+        "-o",
+        &p("z"),
+    ];
+    let o = run(&bin, &enc);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("quality level 2"), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -157,6 +157,7 @@ fn decodes_compressai_strings_exactly() {
         y_shape: [192, 32, 48],
         z_shape: [128, 8, 12],
         entropy_path: EntropyPath::Float,
+        level: None,
         strings: vec![f.y_string.clone(), f.z_string.clone()],
     };
     let latent = f.codec.decode_latent(&stream.to_bytes().unwrap()).unwrap();

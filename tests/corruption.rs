@@ -124,7 +124,7 @@ fn newer_version_is_refused_with_both_versions_named() {
             err,
             Error::UnsupportedVersion {
                 found: 7,
-                supported: 2
+                supported: 3
             }
         ),
         "{err}"

@@ -38,7 +38,7 @@ use std::time::Instant;
 use candle_core::Device;
 use common::{test_image, tiny_codec, Rng};
 use psic::backbone::ScaleHyperpriorConfig;
-use psic::bitstream::{Bitstream, EntropyPath};
+use psic::bitstream::{Bitstream, EntropyPath, StreamLevel};
 use psic::entropy::{default_scale_table, EntropyCoder, GaussianConditional, RansCoder};
 use psic::model::Architecture;
 use psic::{Codec, ModelFile};
@@ -263,10 +263,14 @@ fn campaign(
 #[test]
 fn fuzz_container() {
     let mut seeds = Vec::new();
-    for (i, path) in [EntropyPath::Float, EntropyPath::Portable]
+    let level = Some(StreamLevel {
+        index: 2,
+        check: [5; 8],
+    });
+    let kinds = [EntropyPath::Float, EntropyPath::Portable]
         .into_iter()
-        .enumerate()
-    {
+        .flat_map(|p| [(p, None), (p, level)]);
+    for (i, (path, level)) in kinds.enumerate() {
         let s = Bitstream {
             fingerprint: [i as u8; 16],
             width: 100 + i as u32,
@@ -276,6 +280,7 @@ fn fuzz_container() {
             y_shape: [8, 4, 8],
             z_shape: [4, 1, 2],
             entropy_path: path,
+            level,
             strings: vec![vec![1, 2, 3, 4, 5, 6, 7, 8], vec![9; 12], vec![]],
         };
         seeds.push(s.to_bytes().unwrap());

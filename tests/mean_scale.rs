@@ -289,6 +289,7 @@ fn compressai_stream(f: &Fixture, path: EntropyPath) -> Vec<u8> {
         y_shape: [96, 32, 48],
         z_shape: [64, 8, 12],
         entropy_path: path,
+        level: None,
         strings: vec![f.y_string.clone(), f.z_string.clone()],
     }
     .to_bytes()

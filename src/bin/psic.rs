@@ -40,7 +40,7 @@ static ALLOC: psic::alloc::HugePages = psic::alloc::HugePages;
 #[command(name = "psic", version, propagate_version = true)]
 struct Cli {
     /// Print only errors and the results a command exists for (no progress, no status lines).
-    #[arg(short, long, global = true)]
+    #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -65,11 +65,22 @@ enum Command {
     Psnr(PsnrArgs),
     #[cfg(feature = "train")]
     Classify(ClassifyArgs),
+    #[cfg(feature = "train")]
+    Rates(RatesArgs),
 }
 
 /// The semantic targets the command line can load (`psic::targets::TargetKind`).
 #[cfg(any(feature = "train", feature = "eval"))]
 const TARGET_KINDS: [&str; 2] = ["efficientnet-lite", "clip"];
+
+/// The quality level of the commands that encode.
+#[derive(Debug, clap::Args)]
+struct LevelOpt {
+    /// The quality level, 0..L for a model with L levels (`psic rates` adds levels; a model
+    /// without levels has level 0 only). The decoder reads it from the stream.
+    #[arg(short = 'q', long = "level", default_value_t = 0)]
+    level: usize,
+}
 
 /// The device option of every command that runs a model.
 #[derive(Debug, clap::Args)]
@@ -98,6 +109,8 @@ struct ShieldArgs {
     #[arg(short, long)]
     model: Option<PathBuf>,
     #[command(flatten)]
+    level: LevelOpt,
+    #[command(flatten)]
     device: DeviceOpt,
 }
 
@@ -113,6 +126,8 @@ struct EncodeArgs {
     /// The stream; `-` writes it to standard output.
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    level: LevelOpt,
     #[command(flatten)]
     device: DeviceOpt,
 }
@@ -306,6 +321,9 @@ struct EvalArgs {
     /// The JPEG baseline's encoder.
     #[arg(short = 'J', long, value_enum, default_value_t = JpegFlavorArg::Libjpeg420)]
     jpeg_flavor: JpegFlavorArg,
+    /// The quality level the codec encodes at.
+    #[arg(long, default_value_t = 0)]
+    level: usize,
     #[command(flatten)]
     device: DeviceOpt,
 }
@@ -333,6 +351,52 @@ struct PsnrArgs {
     /// The second image.
     #[arg(short = 'b', long = "b")]
     b: PathBuf,
+}
+
+/// Add quality levels to a model: fit per-level channel gains on its latent.
+///
+/// Fits one gain per latent channel for each λ (CompressAI's `bpp + λ·255²·MSE`) on crops from
+/// the training part of each --data folder, with the model itself frozen, and writes a copy of
+/// MODEL with the levels (same fingerprint: its existing streams still decode). Level i is the
+/// i-th λ; `encode -q i` then codes at it.
+#[cfg(feature = "train")]
+#[derive(Debug, clap::Args)]
+struct RatesArgs {
+    /// The model (default: the embedded default model).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// An image folder (repeat for several); its training part is used (see --eval-percent).
+    #[arg(short, long, required = true)]
+    data: Vec<PathBuf>,
+    /// The held-out share of each folder, in percent (as `train`'s eval_percent).
+    #[arg(short = 'p', long, default_value_t = 20)]
+    eval_percent: u32,
+    /// The λ of each level, in level order (e.g. 0.002,0.0085,0.03).
+    #[arg(short, long, value_delimiter = ',', required = true)]
+    lambdas: Vec<f64>,
+    /// The λ the model was trained for: levels start from gains sqrt(λ / it).
+    #[arg(long)]
+    reference_lambda: Option<f64>,
+    /// Adam steps.
+    #[arg(short, long, default_value_t = 300)]
+    steps: usize,
+    /// Crops per batch.
+    #[arg(short, long, default_value_t = 4)]
+    batch: usize,
+    /// Crop side in pixels (a multiple of the model's alignment, 64).
+    #[arg(short, long, default_value_t = 256)]
+    crop: u32,
+    /// Adam's learning rate on the log gains.
+    #[arg(long, default_value_t = 0.02)]
+    lr: f64,
+    /// Seed of the crops and the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The model file to write (with the levels).
+    #[arg(short, long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
 /// Top-5 predictions of a semantic target for a folder of photos.
@@ -555,7 +619,21 @@ fn load_codec(model: Option<&Path>, device: &Device) -> Result<Codec> {
 
 #[cfg(feature = "default-model")]
 fn default_codec(device: &Device) -> Result<Codec> {
-    Codec::from_model_file(&psic::zoo::default_model(device)?, device)
+    Codec::from_model_file(&default_model_file(device)?, device)
+}
+
+#[cfg(feature = "default-model")]
+fn default_model_file(device: &Device) -> Result<ModelFile> {
+    psic::zoo::default_model(device)
+}
+
+#[cfg(not(feature = "default-model"))]
+#[cfg_attr(not(feature = "train"), allow(dead_code))]
+fn default_model_file(_device: &Device) -> Result<ModelFile> {
+    Err(Error::InvalidArgument(
+        "no -m MODEL given and this build has no embedded default model (feature `default-model`)"
+            .into(),
+    ))
 }
 
 #[cfg(not(feature = "default-model"))]
@@ -606,7 +684,7 @@ fn shield(a: ShieldArgs, ui: &Ui) -> Result<()> {
     }
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = load_codec(a.model.as_deref(), &device)?;
+    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level.level)?;
     let load_s = t.elapsed().as_secs_f64();
     let conditions = codec.conditions().ok_or_else(|| {
         Error::InvalidArgument("this model has no shield (no trigger generator)".into())
@@ -657,7 +735,7 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
     check_binary_stdout(&a.output)?;
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = load_codec(a.model.as_deref(), &device)?;
+    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level.level)?;
     let load_s = t.elapsed().as_secs_f64();
     let img = if is_std(&a.input) {
         let limit = image_file_limit(codec.max_pixels());
@@ -671,11 +749,13 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
     let enc_s = t.elapsed().as_secs_f64();
     write_output(&a.output, &bytes)?;
     ui.status(format_args!(
-        "{}x{} -> {} bytes, {:.4} bpp; model load {load_s:.2} s, encode {enc_s:.2} s",
+        "{}x{} -> {} bytes, {:.4} bpp at level {} (of {}); model load {load_s:.2} s, encode {enc_s:.2} s",
         img.width(),
         img.height(),
         bytes.len(),
-        bpp(bytes.len(), img.width(), img.height())
+        bpp(bytes.len(), img.width(), img.height()),
+        codec.level(),
+        codec.levels()
     ));
     Ok(())
 }
@@ -725,8 +805,11 @@ fn info(a: InfoArgs) -> Result<()> {
     let bytes = read_input(&a.input, psic::bitstream::MAX_STREAM_LEN)?;
     let s = Bitstream::from_bytes(&bytes)?;
     println!(
-        "psic stream v{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
-        psic::bitstream::VERSION,
+        "psic stream v{}{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
+        s.version(),
+        s.level
+            .map(|l| format!(", level {}", l.index))
+            .unwrap_or_default(),
         s.width,
         s.height,
         s.pad_right,
@@ -737,6 +820,65 @@ fn info(a: InfoArgs) -> Result<()> {
         s.strings.iter().map(Vec::len).collect::<Vec<_>>(),
         bpp(bytes.len(), s.width, s.height)
     );
+    Ok(())
+}
+
+#[cfg(feature = "train")]
+fn rates(a: RatesArgs, ui: &Ui) -> Result<()> {
+    use psic::train::rates::{fit_rate_levels, training_crops, RateFitConfig};
+    let device = a.device.device.device()?;
+    let model = match &a.model {
+        Some(path) => {
+            ensure_output_is_not_input(path, &a.out)?;
+            ModelFile::load(path, &device)?
+        }
+        None => default_model_file(&device)?,
+    };
+    let mut sampler = training_crops(&a.data, a.eval_percent, a.crop, a.seed ^ 0x5eed)?;
+    let cfg = RateFitConfig {
+        lambdas: a.lambdas.clone(),
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        reference_lambda: a.reference_lambda,
+    };
+    let t = Instant::now();
+    let mut bar = ui.progress("rates");
+    let levels = fit_rate_levels(&model, &mut sampler, &cfg, &device, |step, stats| {
+        let line: Vec<String> = stats
+            .iter()
+            .map(|l| {
+                format!(
+                    "{:.3} bpp {:.2} dB g {:.3}",
+                    l.bpp,
+                    l.psnr,
+                    l.mean_log_gain.exp()
+                )
+            })
+            .collect();
+        bar.update(step + 1, cfg.steps, &format!("; {}", line.join(" | ")));
+    })?;
+    bar.break_line();
+    let out = model.with_rate_levels(Some(&levels))?;
+    out.save(&a.out)?;
+    for (i, lambda) in a.lambdas.iter().enumerate() {
+        let g = levels.gains(i).unwrap_or_default();
+        let (lo, hi) = g
+            .iter()
+            .fold((f32::MAX, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+        ui.status(format_args!(
+            "level {i}: lambda {lambda}, gains {lo:.3}..{hi:.3} (geometric mean {:.3})",
+            (g.iter().map(|v| f64::from(v.ln())).sum::<f64>() / g.len().max(1) as f64).exp()
+        ));
+    }
+    ui.status(format_args!(
+        "wrote {} ({} levels, fingerprint {}) in {:.1} s",
+        a.out.display(),
+        levels.len(),
+        fingerprint_hex(&out.fingerprint()?),
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -964,7 +1106,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         SplitArg::All => None,
         SplitArg::Eval => Some((psic::data::Split::Eval, a.eval_percent)),
     };
-    let codec = load_codec(a.model.as_deref(), &device)?;
+    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level)?;
     let target = match (&a.target, &a.weights) {
         (Some(t), Some(w)) => Some(psic::targets::load_target(&t.as_str().into(), w, &device)?),
         _ => None,
@@ -1185,6 +1327,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Psnr(a) => psnr(a),
         #[cfg(feature = "train")]
         Command::Classify(a) => classify(a, &ui),
+        #[cfg(feature = "train")]
+        Command::Rates(a) => rates(a, &ui),
     }
 }
 
@@ -1208,7 +1352,7 @@ fn main() -> ExitCode {
 fn long_job(command: &Command) -> bool {
     match command {
         #[cfg(feature = "train")]
-        Command::Train(_) => true,
+        Command::Train(_) | Command::Rates(_) => true,
         #[cfg(feature = "eval")]
         Command::Eval(_) => true,
         _ => false,

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use super::bottleneck::{round_symbol, LIKELIHOOD_BOUND};
 use super::cdf::{pmf_to_quantized_cdf, CdfTables, PRECISION};
 use super::EntropyCoder;
+use crate::rate::ChannelGains;
 use crate::tensor_util::{cpu_view, int_buffer, tensor_to_f32};
 use crate::{Error, Result};
 
@@ -32,6 +33,16 @@ pub fn default_scale_table() -> Vec<f32> {
     (0..n)
         .map(|i| (lo + (hi - lo) * i as f64 / (n - 1) as f64).exp() as f32)
         .collect()
+}
+
+/// What a decoder adds to and divides the decoded symbols by: the means (mean-scale models) and
+/// the channel gains of the stream's quality level (`None`: all 1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LatentLevel<'a> {
+    /// Means of `y`, shape of `y`.
+    pub means: Option<&'a Tensor>,
+    /// One gain per channel of `y`.
+    pub gains: Option<&'a [f32]>,
 }
 
 /// A zero-mean (or mean-shifted) Gaussian, convolved with a unit uniform, per latent element;
@@ -269,11 +280,46 @@ impl GaussianConditional {
 
     /// Symbols `round(y - means)` (round half to even, as PyTorch).
     pub fn symbols(&self, y: &Tensor, means: Option<&Tensor>) -> Result<Vec<i32>> {
+        self.symbols_at(y, means, None)
+    }
+
+    /// Symbols of a quality level: `round((y - means)·g)` per channel (`gains` of `y`'s
+    /// channels; `None`: all 1, exactly [`symbols`](Self::symbols)).
+    pub fn symbols_at(
+        &self,
+        y: &Tensor,
+        means: Option<&Tensor>,
+        gains: Option<&[f32]>,
+    ) -> Result<Vec<i32>> {
         let v = match means {
             Some(m) => (y - m)?,
             None => y.clone(),
         };
-        Ok(tensor_to_f32(&v)?.into_iter().map(round_symbol).collect())
+        let v = tensor_to_f32(&v)?;
+        Ok(match gains {
+            None => v.into_iter().map(round_symbol).collect(),
+            Some(g) => {
+                let cg = ChannelGains::for_shape(g, y.dims4()?)?;
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, x)| round_symbol(cg.to_symbol_domain(i, x)))
+                    .collect()
+            }
+        })
+    }
+
+    /// Table indexes of a quality level: [`indexes_of`](Self::indexes_of) the scales `σ·g`
+    /// ([`ChannelGains::scale_scales`]) of `scales` laid out as `shape` (`[B, C, H, W]`).
+    pub fn indexes_at(
+        &self,
+        mut scales: Vec<f32>,
+        shape: (usize, usize, usize, usize),
+        gains: Option<&[f32]>,
+    ) -> Result<Vec<i32>> {
+        if let Some(g) = gains {
+            ChannelGains::for_shape(g, shape)?.scale_scales(&mut scales);
+        }
+        Ok(self.indexes_of(&scales))
     }
 
     /// Entropy-codes `y` with the given table indexes (one string per batch item).
@@ -284,8 +330,21 @@ impl GaussianConditional {
         means: Option<&Tensor>,
         coder: &dyn EntropyCoder,
     ) -> Result<Vec<Vec<u8>>> {
+        self.compress_at(y, indexes, means, None, coder)
+    }
+
+    /// [`compress`](Self::compress) at a quality level: the symbols of
+    /// [`symbols_at`](Self::symbols_at) (`indexes` from [`indexes_at`](Self::indexes_at)).
+    pub fn compress_at(
+        &self,
+        y: &Tensor,
+        indexes: &[i32],
+        means: Option<&Tensor>,
+        gains: Option<&[f32]>,
+        coder: &dyn EntropyCoder,
+    ) -> Result<Vec<Vec<u8>>> {
         let b = y.dims4()?.0;
-        let symbols = self.symbols(y, means)?;
+        let symbols = self.symbols_at(y, means, gains)?;
         if indexes.len() != symbols.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} indexes for {} latent values",
@@ -312,6 +371,24 @@ impl GaussianConditional {
         coder: &dyn EntropyCoder,
         device: &candle_core::Device,
     ) -> Result<Tensor> {
+        let level = LatentLevel { means, gains: None };
+        self.decompress_at(strings, indexes, shape, level, coder, device)
+    }
+
+    /// [`decompress`](Self::decompress) at a quality level: `y_hat = symbol / g + mean`.
+    pub fn decompress_at(
+        &self,
+        strings: &[&[u8]],
+        indexes: &[i32],
+        shape: (usize, usize, usize, usize),
+        level: LatentLevel<'_>,
+        coder: &dyn EntropyCoder,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let LatentLevel { means, gains } = level;
+        let gains = gains
+            .map(|g| ChannelGains::for_shape(g, shape))
+            .transpose()?;
         let (b, c, h, w) = shape;
         let per_item = c * h * w;
         if strings.len() != b || indexes.len() != b * per_item {
@@ -325,12 +402,12 @@ impl GaussianConditional {
         let mut values = Vec::with_capacity(b * per_item);
         for (i, s) in strings.iter().enumerate() {
             let idx = &indexes[i * per_item..(i + 1) * per_item];
-            values.extend(
-                coder
-                    .decode_with_indexes(s, idx, &self.tables)?
-                    .into_iter()
-                    .map(|v| v as f32),
-            );
+            let symbols = coder.decode_with_indexes(s, idx, &self.tables)?;
+            let base = values.len();
+            values.extend(symbols.into_iter().enumerate().map(|(j, v)| match &gains {
+                Some(g) => g.from_symbol(base + j, v),
+                None => v as f32,
+            }));
         }
         let y = Tensor::from_vec(values, shape, device)?;
         Ok(match means {

@@ -13,6 +13,6 @@ pub use cdf::{pmf_to_quantized_cdf, CdfTables};
 pub use coder::RygRansCoder;
 pub use coder::{EntropyCoder, RansCoder};
 pub use gaussian::{
-    default_scale_table, GaussianConditional, MAX_COMPUTED_TABLE_SYMBOLS, MAX_SCALE_TABLE_LEN,
-    SCALE_BOUND,
+    default_scale_table, GaussianConditional, LatentLevel, MAX_COMPUTED_TABLE_SYMBOLS,
+    MAX_SCALE_TABLE_LEN, SCALE_BOUND,
 };

@@ -6,12 +6,14 @@
 //! - [`uaeo`]: the evidential split and the shielding terms;
 //! - [`AdaptiveWeighting`]: inverse-loss weighting of several terms;
 //! - [`Adam`]: Adam with gradient clipping and exactly resumable state;
-//! - [`Trainer`] and [`TrainConfig`]: the three stages, checkpoints, validation.
+//! - [`Trainer`] and [`TrainConfig`]: the three stages, checkpoints, validation;
+//! - [`rates`]: fitting the channel gains of quality levels ([`crate::rate`]) on a frozen model.
 
 mod adam;
 pub mod augment;
 pub mod msssim;
 pub mod purify;
+pub mod rates;
 mod trainer;
 pub mod uaeo;
 mod weighting;
@@ -90,8 +92,14 @@ pub fn noisy_latent(
         &params.scales,
         params.means.as_ref(),
     )?;
+    Ok((y_tilde, bits_per_pixel(&y_lik, &z_lik, b * h * w)?))
+}
+
+/// The estimated bits per pixel of the likelihoods of `y` and `z` over `pixels` pixels (the
+/// batch's): `−(Σ log₂ p_y + Σ log₂ p_z) / pixels`.
+pub fn bits_per_pixel(y_lik: &Tensor, z_lik: &Tensor, pixels: usize) -> Result<Tensor> {
     let bits = ((y_lik.log()?.sum_all()? + z_lik.log()?.sum_all()?)? * (-1.0 / 2f64.ln()))?;
-    Ok((y_tilde, (bits / (b * h * w) as f64)?))
+    Ok((bits / pixels as f64)?)
 }
 
 /// CompressAI's rate-distortion loss `bpp + lambda · 255² · MSE`.

@@ -525,6 +525,13 @@ fn is_buffer(name: &str) -> bool {
     name.ends_with("scale_table") || crate::model::INT_BUFFERS.iter().any(|b| name.ends_with(b))
 }
 
+/// Whether a tensor of an initial model becomes a variable of training: its float weights, not
+/// its coding buffers (rebuilt) nor its quality levels (`rate.*`: fitted for the weights they
+/// came with, so training drops them; fit them again with `psic rates`).
+pub(crate) fn is_trained_weight(name: &str, t: &Tensor) -> bool {
+    !is_buffer(name) && t.dtype().is_float() && !name.starts_with(crate::rate::TENSOR_PREFIX)
+}
+
 /// Whether a variable belongs to the decoder's synthesis side (trained in stage 2): the
 /// backbone's [`synthesis_prefixes`](LicBackbone::synthesis_prefixes) or the generic generator.
 fn is_synthesis_side(name: &str, synthesis_prefixes: &[String]) -> bool {
@@ -618,7 +625,7 @@ impl Trainer {
             Some(tensors) => {
                 let mut data = varmap.data().lock().expect("VarMap lock");
                 for (name, t) in tensors {
-                    if !is_buffer(name) && t.dtype().is_float() {
+                    if is_trained_weight(name, t) {
                         let t = t.to_dtype(DType::F32)?.to_device(device)?;
                         data.insert(name.clone(), Var::from_tensor(&t)?);
                     }
