@@ -344,3 +344,99 @@ impl IgdnSynthesis {
         Ok(())
     }
 }
+
+/// Implements [`LicBackbone`](super::LicBackbone) for a CompressAI hyperprior made of a
+/// [`HyperpriorCore`] (`core`), an [`IgdnSynthesis`] (`g_s`) and a configuration with `m` and
+/// `n` (`cfg`): the scale and mean-scale hyperpriors differ only in their core's
+/// [`HyperVariant`] and their names, so they share this one implementation.
+macro_rules! hyperprior_backbone {
+    ($ty:ty, $name:expr) => {
+        impl $crate::backbone::LicBackbone for $ty {
+            fn architecture(&self) -> &'static str {
+                $name
+            }
+
+            fn config_json(&self) -> serde_json::Value {
+                serde_json::to_value(self.cfg).unwrap_or_default()
+            }
+
+            fn device(&self) -> &candle_core::Device {
+                &self.core.device
+            }
+
+            fn latent_channels(&self) -> usize {
+                self.cfg.m
+            }
+
+            fn hyper_channels(&self) -> usize {
+                self.cfg.n
+            }
+
+            fn analysis(&self, x: &candle_core::Tensor) -> $crate::Result<candle_core::Tensor> {
+                self.core.analysis(x)
+            }
+
+            fn hyper_analysis(
+                &self,
+                y: &candle_core::Tensor,
+            ) -> $crate::Result<candle_core::Tensor> {
+                self.core.hyper_analysis_with(y, &mut |_| {})
+            }
+
+            fn hyper_synthesis(
+                &self,
+                z_hat: &candle_core::Tensor,
+            ) -> $crate::Result<$crate::backbone::GaussianParams> {
+                self.core.hyper_synthesis_with(z_hat, &mut |_| {})
+            }
+
+            fn hyper_synthesis_portable(
+                &self,
+                z_hat: &candle_core::Tensor,
+            ) -> $crate::Result<Option<$crate::backbone::PortableParams>> {
+                self.core.hyper_synthesis_portable(z_hat).map(Some)
+            }
+
+            fn analysis_halo(&self) -> Option<usize> {
+                Some($crate::backbone::hyper::ANALYSIS_HALO)
+            }
+
+            fn synthesis_halo(&self) -> Option<usize> {
+                Some($crate::backbone::hyper::SYNTHESIS_HALO)
+            }
+
+            fn injection_points(&self) -> Vec<usize> {
+                self.g_s.injection_points()
+            }
+
+            fn synthesis(
+                &self,
+                y_hat: &candle_core::Tensor,
+                triggers: Option<&$crate::backbone::Triggers>,
+            ) -> $crate::Result<candle_core::Tensor> {
+                self.g_s.forward(y_hat, triggers)
+            }
+
+            fn set_transform_precision(
+                &mut self,
+                precision: $crate::Precision,
+            ) -> $crate::Result<()> {
+                self.core.set_analysis_precision(precision)?;
+                self.g_s.set_precision(precision)
+            }
+
+            fn transform_precision(&self) -> $crate::Precision {
+                self.core.analysis_precision()
+            }
+
+            fn entropy_bottleneck(&self) -> &$crate::entropy::EntropyBottleneck {
+                &self.core.entropy_bottleneck
+            }
+
+            fn gaussian_conditional(&self) -> &$crate::entropy::GaussianConditional {
+                &self.core.gaussian_conditional
+            }
+        }
+    };
+}
+pub(crate) use hyperprior_backbone;

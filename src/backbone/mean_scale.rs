@@ -1,13 +1,12 @@
 //! Minnen et al. 2018 mean-scale hyperprior (CompressAI's `MeanScaleHyperprior`, zoo name
 //! `mbt2018-mean`).
 
-use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::hyper::{HyperVariant, HyperpriorCore, IgdnSynthesis};
-use super::{GaussianParams, LicBackbone, PortableParams, Triggers};
-use crate::entropy::{EntropyBottleneck, GaussianConditional};
+use super::LicBackbone;
+use crate::entropy::EntropyBottleneck;
 use crate::{Precision, Result};
 
 /// Architecture name written into model files.
@@ -72,80 +71,11 @@ impl MeanScaleHyperprior {
     }
 }
 
-impl LicBackbone for MeanScaleHyperprior {
-    fn architecture(&self) -> &'static str {
-        MBT2018_MEAN
-    }
-
-    fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(self.cfg).unwrap_or_default()
-    }
-
-    fn device(&self) -> &Device {
-        &self.core.device
-    }
-
-    fn latent_channels(&self) -> usize {
-        self.cfg.m
-    }
-
-    fn hyper_channels(&self) -> usize {
-        self.cfg.n
-    }
-
-    fn analysis(&self, x: &Tensor) -> Result<Tensor> {
-        self.core.analysis(x)
-    }
-
-    fn hyper_analysis(&self, y: &Tensor) -> Result<Tensor> {
-        self.core.hyper_analysis_with(y, &mut |_| {})
-    }
-
-    fn hyper_synthesis(&self, z_hat: &Tensor) -> Result<GaussianParams> {
-        self.core.hyper_synthesis_with(z_hat, &mut |_| {})
-    }
-
-    fn hyper_synthesis_portable(&self, z_hat: &Tensor) -> Result<Option<PortableParams>> {
-        self.core.hyper_synthesis_portable(z_hat).map(Some)
-    }
-
-    fn analysis_halo(&self) -> Option<usize> {
-        Some(super::hyper::ANALYSIS_HALO)
-    }
-
-    fn synthesis_halo(&self) -> Option<usize> {
-        Some(super::hyper::SYNTHESIS_HALO)
-    }
-
-    fn injection_points(&self) -> Vec<usize> {
-        self.g_s.injection_points()
-    }
-
-    fn synthesis(&self, y_hat: &Tensor, triggers: Option<&Triggers>) -> Result<Tensor> {
-        self.g_s.forward(y_hat, triggers)
-    }
-
-    fn set_transform_precision(&mut self, precision: Precision) -> Result<()> {
-        self.core.set_analysis_precision(precision)?;
-        self.g_s.set_precision(precision)
-    }
-
-    fn transform_precision(&self) -> Precision {
-        self.core.analysis_precision()
-    }
-
-    fn entropy_bottleneck(&self) -> &EntropyBottleneck {
-        &self.core.entropy_bottleneck
-    }
-
-    fn gaussian_conditional(&self) -> &GaussianConditional {
-        &self.core.gaussian_conditional
-    }
-}
+super::hyper::hyperprior_backbone!(MeanScaleHyperprior, MBT2018_MEAN);
 
 #[cfg(test)]
 mod tests {
-    use candle_core::DType;
+    use candle_core::{DType, Device, Tensor};
 
     use super::*;
 
