@@ -3,42 +3,13 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use common::*;
 use psic::bitstream::{Bitstream, EntropyPath};
-use psic::{Codec, ModelFile, Precision};
+use psic::{Codec, ModelFile};
 
-struct Fixture {
-    codec: Codec,
-    refs: std::collections::HashMap<String, Tensor>,
-    y_string: Vec<u8>,
-    z_string: Vec<u8>,
-    image: image::RgbImage,
-}
-
-fn fixture() -> Option<Fixture> {
-    let dir = fixture_dir("compressai")?;
-    let model = ModelFile::import(
-        dir.join("hyperprior_128_192.safetensors"),
-        None,
-        &Device::Cpu,
-    )
-    .expect("import CompressAI checkpoint");
-    // CompressAI's transforms are f32: byte-identical strings need f32 ones (bf16 would change
-    // some y symbols).
-    let codec = Codec::from_model_file(&model, &Device::Cpu)
-        .unwrap()
-        .with_precision(Precision::F32)
-        .unwrap();
-    let strings = std::fs::read(dir.join("test_strings.bin")).unwrap();
-    let (y, z) = strings.split_at(41704);
-    Some(Fixture {
-        codec,
-        refs: load_tensors(&dir.join("test_intermediates.safetensors")),
-        y_string: y.to_vec(),
-        z_string: z.to_vec(),
-        image: psic::image_io::load_image(dir.join("test768x512.png")).unwrap(),
-    })
+fn fixture() -> Option<CompressAiFixture> {
+    compressai_fixture("compressai", "hyperprior_128_192.safetensors", 41704)
 }
 
 #[test]

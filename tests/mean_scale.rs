@@ -20,32 +20,12 @@ use psic::{Codec, Error, ModelFile, Precision};
 /// Float tolerance of the transforms (see the module docs).
 const TOL: f32 = 1e-4;
 
-struct Fixture {
-    model: ModelFile,
-    /// The imported model at f32 (CompressAI's transforms are f32), portable entropy path.
-    codec: Codec,
-    refs: std::collections::HashMap<String, Tensor>,
-    y_string: Vec<u8>,
-    z_string: Vec<u8>,
-    image: image::RgbImage,
-}
+type Fixture = CompressAiFixture;
 
 fn fixture() -> Option<Fixture> {
-    let dir = fixture_dir("compressai-mean")?;
-    let model = ModelFile::import(dir.join("mean_scale_64_96.safetensors"), None, &Device::Cpu)
-        .expect("import CompressAI checkpoint");
-    let codec = f32_codec(&model);
-    let strings = std::fs::read(dir.join("test_strings.bin")).unwrap();
-    let (y, z) = strings.split_at(15_624);
-    assert_eq!(z.len(), 2_888);
-    Some(Fixture {
-        codec,
-        refs: load_tensors(&dir.join("test_intermediates.safetensors")),
-        y_string: y.to_vec(),
-        z_string: z.to_vec(),
-        image: psic::image_io::load_image(dir.join("../compressai/test768x512.png")).unwrap(),
-        model,
-    })
+    let f = compressai_fixture("compressai-mean", "mean_scale_64_96.safetensors", 15_624)?;
+    assert_eq!(f.z_string.len(), 2_888);
+    Some(f)
 }
 
 fn f32_codec(model: &ModelFile) -> Codec {

@@ -22,6 +22,42 @@ pub fn fixture_dir(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// A CompressAI conformance fixture (`../shared/fixtures/<name>`): the imported checkpoint, an
+/// f32 codec of it (CompressAI's transforms are f32: byte-identical strings need f32 ones; bf16
+/// would change some y symbols), the reference intermediates, `compress()`'s y and z strings
+/// and the 768x512 test image.
+pub struct CompressAiFixture {
+    pub model: psic::ModelFile,
+    pub codec: psic::Codec,
+    pub refs: HashMap<String, Tensor>,
+    pub y_string: Vec<u8>,
+    pub z_string: Vec<u8>,
+    pub image: image::RgbImage,
+}
+
+/// Loads the fixture `name` whose checkpoint is `checkpoint` and whose `test_strings.bin` holds a
+/// y string of `y_len` bytes followed by the z string; `None` (skipped) without the fixtures.
+pub fn compressai_fixture(name: &str, checkpoint: &str, y_len: usize) -> Option<CompressAiFixture> {
+    let dir = fixture_dir(name)?;
+    let model = psic::ModelFile::import(dir.join(checkpoint), None, &Device::Cpu)
+        .expect("import CompressAI checkpoint");
+    let codec = psic::Codec::from_model_file(&model, &Device::Cpu)
+        .unwrap()
+        .with_precision(psic::Precision::F32)
+        .unwrap();
+    let strings = std::fs::read(dir.join("test_strings.bin")).unwrap();
+    let (y, z) = strings.split_at(y_len);
+    let image = dir.join("../compressai/test768x512.png");
+    Some(CompressAiFixture {
+        model,
+        codec,
+        refs: load_tensors(&dir.join("test_intermediates.safetensors")),
+        y_string: y.to_vec(),
+        z_string: z.to_vec(),
+        image: psic::image_io::load_image(image).unwrap(),
+    })
+}
+
 /// Loads every tensor of a safetensors file onto the CPU.
 pub fn load_tensors(path: &std::path::Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).expect("fixture tensors load")
