@@ -47,6 +47,30 @@ pub const DEFAULT_MAX_PIXELS: u64 = 1 << 24;
 struct Shield {
     generator: Box<dyn TriggerGenerator>,
     conditions: Conditions,
+    /// The shielded decode's triggers at `conditions.strength`, computed once.
+    shielded: Triggers,
+}
+
+impl Shield {
+    fn new(generator: Box<dyn TriggerGenerator>, conditions: Conditions) -> Result<Self> {
+        conditions.check()?;
+        let shielded = conditions.shielded_triggers(generator.as_ref())?;
+        Ok(Self {
+            generator,
+            conditions,
+            shielded,
+        })
+    }
+
+    /// Triggers for `condition`: the model's shielded condition decodes at the configured
+    /// strength, any other condition as the generator makes it.
+    fn triggers(&self, condition: &Condition) -> Result<Triggers> {
+        if *condition == self.conditions.shielded {
+            Ok(self.shielded.clone())
+        } else {
+            self.generator.triggers(condition, 1)
+        }
+    }
 }
 
 impl std::fmt::Debug for Codec {
@@ -124,16 +148,27 @@ impl Codec {
                 points
             )));
         }
-        self.shield = Some(Shield {
-            generator,
-            conditions,
-        });
+        self.shield = Some(Shield::new(generator, conditions)?);
         Ok(self)
     }
 
     /// The conditions of a shielded model; `None` for a plain one.
     pub fn conditions(&self) -> Option<Conditions> {
         self.shield.as_ref().map(|s| s.conditions)
+    }
+
+    /// Sets the shield strength of the shielded decode ([`Conditions::strength`]: 1 is the
+    /// trained shield, 0 the full decode, in between a weaker, less visible shield). Fails for a
+    /// plain model and for a strength outside `[0, MAX_SHIELD_STRENGTH]`.
+    pub fn with_shield_strength(mut self, strength: f32) -> Result<Self> {
+        let shield = self.shield.take().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this model has no trigger generator: nothing to strengthen".into(),
+            )
+        })?;
+        let conditions = shield.conditions.with_strength(strength)?;
+        self.shield = Some(Shield::new(shield.generator, conditions)?);
+        Ok(self)
     }
 
     /// A codec over any backbone; `fingerprint` identifies its weights in the streams it writes.
@@ -507,7 +542,7 @@ impl Codec {
     fn triggers(&self, condition: &Condition) -> Result<Option<Triggers>> {
         self.shield
             .as_ref()
-            .map(|s| s.generator.triggers(condition, 1))
+            .map(|s| s.triggers(condition))
             .transpose()
     }
 

@@ -18,6 +18,8 @@ use crate::shield::Condition;
 use crate::targets::SemanticTarget;
 use crate::{Codec, Result};
 
+pub mod rd;
+
 /// One image to evaluate.
 #[derive(Debug, Clone)]
 pub struct EvalImage {

@@ -638,13 +638,33 @@ impl ModelFile {
     /// convention (0 full, 1 shielded) for models with a generator and no such entry.
     pub fn conditions(&self) -> Result<Option<Conditions>> {
         if let Some(json) = self.extra_metadata.get("conditions") {
-            return serde_json::from_str(json)
-                .map(Some)
-                .map_err(|e| Error::Model(format!("bad conditions metadata {json:?}: {e}")));
+            let bad = |e: &dyn std::fmt::Display| {
+                Error::Model(format!("bad conditions metadata {json:?}: {e}"))
+            };
+            let c: Conditions = serde_json::from_str(json).map_err(|e| bad(&e))?;
+            c.check().map_err(|e| bad(&e))?;
+            return Ok(Some(c));
         }
         let shielded = matches!(self.architecture, Architecture::PsicHy2018(_))
             || self.tensors.keys().any(|k| k.starts_with("cltg."));
         Ok(shielded.then(Conditions::default))
+    }
+
+    /// This shielded model with its shielded decode at `strength` by default
+    /// ([`Conditions::strength`], recorded in the `conditions` metadata; the weights, the
+    /// fingerprint and so the streams are unchanged). Fails for a plain model.
+    pub fn with_shield_strength(&self, strength: f32) -> Result<Self> {
+        let conditions = self.conditions()?.ok_or_else(|| {
+            Error::InvalidArgument(
+                "the model has no trigger generator: nothing to strengthen".into(),
+            )
+        })?;
+        let conditions = conditions.with_strength(strength)?;
+        let mut out = self.clone();
+        let json = serde_json::to_string(&conditions)
+            .map_err(|e| Error::Model(format!("conditions metadata: {e}")))?;
+        out.extra_metadata.insert("conditions".into(), json);
+        Ok(out)
     }
 
     /// The model's quality levels (`rate.gains` and the `rate.levels` metadata); `None` for a

@@ -72,14 +72,68 @@ pub struct Conditions {
     pub full: Condition,
     /// The condition of the shielded reconstruction (the default decode).
     pub shielded: Condition,
+    /// Strength of the shielded decode: its triggers are `T_full + strength·(T_shielded −
+    /// T_full)`, where `T_c` are the generator's triggers for condition `c`. 1 (the default,
+    /// and what training optimises) is the trained shield; 0 makes the shielded decode the full
+    /// one; values in between trade protection for fidelity (`docs/MODELS.md` measures the
+    /// trade-off). Recorded in the model file only when it is not 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub strength: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(v: &f32) -> bool {
+    *v == 1.0
+}
+
+/// Largest accepted [`Conditions::strength`]: past the trained shield the decode is an
+/// extrapolation no model was trained for, so it is bounded.
+pub const MAX_SHIELD_STRENGTH: f32 = 4.0;
+
+impl Conditions {
+    /// These conditions with the shielded decode at `strength` (see
+    /// [`strength`](Self::strength)); an [`Error::InvalidArgument`] unless `0 ≤ strength ≤`
+    /// [`MAX_SHIELD_STRENGTH`].
+    pub fn with_strength(mut self, strength: f32) -> Result<Self> {
+        self.strength = strength;
+        self.check()?;
+        Ok(self)
+    }
+
+    /// Checks the strength is a finite number in `[0, MAX_SHIELD_STRENGTH]`.
+    pub fn check(&self) -> Result<()> {
+        if !(0.0..=MAX_SHIELD_STRENGTH).contains(&self.strength) {
+            return Err(Error::InvalidArgument(format!(
+                "shield strength must be in [0, {MAX_SHIELD_STRENGTH}], got {}",
+                self.strength
+            )));
+        }
+        Ok(())
+    }
+
+    /// The triggers of the shielded decode at this strength, for a batch of one:
+    /// `T_full + strength·(T_shielded − T_full)` (exactly `T_shielded` at strength 1).
+    pub fn shielded_triggers(&self, generator: &dyn TriggerGenerator) -> Result<Triggers> {
+        let shielded = generator.triggers(&self.shielded, 1)?;
+        if self.strength == 1.0 {
+            return Ok(shielded);
+        }
+        let full = generator.triggers(&self.full, 1)?;
+        let s = f64::from(self.strength);
+        shielded.zip_map(&full, |sh, f| f + ((sh - f)? * s)?)
+    }
 }
 
 impl Default for Conditions {
-    /// The official PSIC convention: `beta = 0` full, `beta = 1` shielded.
+    /// The official PSIC convention: `beta = 0` full, `beta = 1` shielded, full strength.
     fn default() -> Self {
         Self {
             full: Condition::FULL,
             shielded: Condition::SHIELDED,
+            strength: 1.0,
         }
     }
 }

@@ -187,7 +187,7 @@ fn subcommands() -> Vec<&'static str> {
         "classify", "rates",
     ];
     if cfg!(feature = "eval") {
-        all.extend(["eval", "tradeoff"]);
+        all.extend(["eval", "tradeoff", "rd"]);
     }
     all
 }

@@ -169,3 +169,68 @@ fn modulated_generators_load_extend_and_start_where_the_model_was() {
     assert_eq!(full2, full);
     assert!(max_abs_diff(&shielded2, &full2) > 1e-3);
 }
+
+#[test]
+fn shield_strength_interpolates_the_triggers_and_travels_in_the_model_file() {
+    use psic::shield::MAX_SHIELD_STRENGTH;
+    let cpu = Device::Cpu;
+    let model = psic::zoo::default_model(&cpu).unwrap();
+    let img = test_image(64, 64);
+    let codec = Codec::from_model_file(&model, &cpu).unwrap();
+    assert_eq!(codec.conditions().unwrap().strength, 1.0);
+    let bytes = codec.encode(&img).unwrap();
+    let decode = |c: &Codec| c.decode_shielded(&bytes).unwrap().into_raw();
+    let full = codec
+        .decode_full(&bytes, &codec.conditions().unwrap().full)
+        .unwrap()
+        .into_raw();
+    let trained = decode(&codec);
+    assert_ne!(full, trained, "the default model shields");
+    let at = |s: f32| {
+        Codec::from_model_file(&model, &cpu)
+            .unwrap()
+            .with_shield_strength(s)
+            .unwrap()
+    };
+    // Strength 0 is the full decode, 1 the trained shield, bit for bit.
+    assert_eq!(decode(&at(0.0)), full);
+    assert_eq!(decode(&at(1.0)), trained);
+    // In between: a decode that is neither, closer to the full one than the trained shield is.
+    let half = decode(&at(0.5));
+    let dist = |a: &[u8], b: &[u8]| -> u64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs())
+            .sum()
+    };
+    assert!(half != full && half != trained);
+    assert!(dist(&half, &full) < dist(&trained, &full));
+
+    // Recorded in the model file: same fingerprint (same streams), same decode as the setter.
+    let weaker = model.with_shield_strength(0.5).unwrap();
+    assert_eq!(weaker.fingerprint().unwrap(), model.fingerprint().unwrap());
+    let tmp =
+        std::env::temp_dir().join(format!("psic-strength-{}.safetensors", std::process::id()));
+    weaker.save(&tmp).unwrap();
+    let loaded = Codec::load(&tmp).unwrap();
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(loaded.conditions().unwrap().strength, 0.5);
+    assert_eq!(decode(&loaded), half);
+
+    // Out of range: typed errors, from the setter and from a hostile model file.
+    for s in [-0.1, MAX_SHIELD_STRENGTH + 0.5, f32::NAN, f32::INFINITY] {
+        let err = at(1.0).with_shield_strength(s).unwrap_err();
+        assert!(matches!(err, psic::Error::InvalidArgument(_)), "{s}: {err}");
+        assert!(model.with_shield_strength(s).is_err());
+    }
+    let mut hostile = model.clone();
+    hostile.extra_metadata.insert(
+        "conditions".into(),
+        r#"{"full":0.0,"shielded":1.0,"strength":1000.0}"#.into(),
+    );
+    let err = Codec::from_model_file(&hostile, &cpu).unwrap_err();
+    assert!(matches!(err, psic::Error::Model(_)), "{err}");
+    assert!(err.to_string().contains("strength"), "{err}");
+    // A plain model has nothing to strengthen.
+    assert!(tiny_codec(3).with_shield_strength(0.5).is_err());
+}

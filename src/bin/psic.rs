@@ -62,6 +62,8 @@ enum Command {
     Eval(EvalArgs),
     #[cfg(feature = "eval")]
     Tradeoff(TradeoffArgs),
+    #[cfg(feature = "eval")]
+    Rd(RdArgs),
     Psnr(PsnrArgs),
     #[cfg(feature = "train")]
     Classify(ClassifyArgs),
@@ -110,6 +112,8 @@ struct ShieldArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     level: LevelOpt,
+    #[command(flatten)]
+    strength: StrengthOpt,
     #[command(flatten)]
     device: DeviceOpt,
 }
@@ -161,6 +165,8 @@ struct DecodeArgs {
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: u8,
     #[command(flatten)]
+    strength: StrengthOpt,
+    #[command(flatten)]
     device: DeviceOpt,
 }
 
@@ -194,12 +200,20 @@ struct ConvertArgs {
 #[cfg(feature = "train")]
 #[derive(Debug, clap::Args)]
 struct ExportArgs {
-    /// The training checkpoint (DIR/checkpoint.safetensors of `psic train`).
+    /// The training checkpoint (DIR/checkpoint.safetensors of `psic train`), or a psic model
+    /// file with --from-model.
     #[arg(short, long)]
     input: PathBuf,
     /// The model file to write.
     #[arg(short, long)]
     output: PathBuf,
+    /// INPUT is a psic model file (to change what --strength sets), not a checkpoint.
+    #[arg(long)]
+    from_model: bool,
+    /// Record this shield strength as the model's default (1: the trained shield; weights,
+    /// fingerprint and streams stay the same).
+    #[arg(long, value_name = "S")]
+    strength: Option<f32>,
 }
 
 /// Time encode, decode and the rANS coder (median, min and max).
@@ -325,6 +339,8 @@ struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     level: usize,
     #[command(flatten)]
+    strength: StrengthOpt,
+    #[command(flatten)]
     device: DeviceOpt,
 }
 
@@ -340,6 +356,26 @@ struct TradeoffArgs {
     /// The chart (PNG).
     #[arg(short, long)]
     out: PathBuf,
+}
+
+/// Chart a model's rate-distortion curve across its quality levels.
+///
+/// From one `psic eval` report per level (`psic eval --level N`): PSNR and MS-SSIM against bpp
+/// of the full and shielded decodes, the JPEG curve, CompressAI's published Kodak curves, and
+/// each level's distance to JPEG (BD-PSNR over the levels' range). Writes rd.json, rd.md,
+/// rd-psnr.png and rd-msssim.png into --out.
+#[cfg(feature = "eval")]
+#[derive(Debug, clap::Args)]
+struct RdArgs {
+    /// NAME=REPORT_DIR,.. in rate order (folders of `psic eval`).
+    #[arg(short, long)]
+    reports: String,
+    /// The folder of the RD report.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// The report's title.
+    #[arg(short = 'T', long, default_value = "psic rate-distortion")]
+    title: String,
 }
 
 /// PSNR (dB) between two images of the same size.
@@ -617,6 +653,24 @@ fn load_codec(model: Option<&Path>, device: &Device) -> Result<Codec> {
     }
 }
 
+/// `--strength` of the commands that make shielded decodes.
+#[derive(Debug, clap::Args)]
+struct StrengthOpt {
+    /// Shield strength of the shielded decode instead of the model's own (1: the trained
+    /// shield, 0: the full decode; see docs/MODELS.md for what it trades).
+    #[arg(long, value_name = "S")]
+    strength: Option<f32>,
+}
+
+impl StrengthOpt {
+    fn apply(&self, codec: Codec) -> Result<Codec> {
+        match self.strength {
+            Some(s) => codec.with_shield_strength(s),
+            None => Ok(codec),
+        }
+    }
+}
+
 #[cfg(feature = "default-model")]
 fn default_codec(device: &Device) -> Result<Codec> {
     Codec::from_model_file(&default_model_file(device)?, device)
@@ -766,7 +820,7 @@ fn decode(a: DecodeArgs, ui: &Ui) -> Result<()> {
     check_binary_stdout(&a.output)?;
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = load_codec(a.model.as_deref(), &device)?;
+    let codec = a.strength.apply(load_codec(a.model.as_deref(), &device)?)?;
     let load_s = t.elapsed().as_secs_f64();
     // Never more than the longest stream of an image within the codec's pixel limit.
     let bytes = read_input(&a.input, codec.max_stream_len())?;
@@ -1062,30 +1116,80 @@ fn validate(
 #[cfg(feature = "train")]
 fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
     ensure_output_is_not_input(&a.input, &a.output)?;
-    let trainer = psic::train::Trainer::resume(&a.input, &Device::Cpu, |_| {})?;
-    trainer.export()?.save(&a.output)?;
+    let (mut model, what) = if a.from_model {
+        (ModelFile::load(&a.input, &Device::Cpu)?, String::new())
+    } else {
+        let trainer = psic::train::Trainer::resume(&a.input, &Device::Cpu, |_| {})?;
+        let step = format!(" (step {})", trainer.step_count());
+        (trainer.export()?, step)
+    };
+    if let Some(s) = a.strength {
+        model = model.with_shield_strength(s)?;
+    }
+    model.save(&a.output)?;
+    let strength = model
+        .conditions()?
+        .map(|c| format!(", shield strength {}", c.strength));
     ui.status(format_args!(
-        "{} (step {}) -> {}",
+        "{}{what} -> {}{}",
         a.input.display(),
-        trainer.step_count(),
-        a.output.display()
+        a.output.display(),
+        strength.unwrap_or_default()
     ));
     Ok(())
 }
 
+/// `NAME=REPORT_DIR,..`: each report's name and the text of its `report.json`.
 #[cfg(feature = "eval")]
-fn tradeoff(a: TradeoffArgs, ui: &Ui) -> Result<()> {
-    let points = a
-        .reports
-        .split(',')
+fn read_reports(spec: &str) -> Result<Vec<(String, String)>> {
+    spec.split(',')
         .map(|item| {
             let (name, dir) = item.split_once('=').ok_or_else(|| {
                 Error::InvalidArgument(format!("--reports {item:?}: use NAME=REPORT_DIR"))
             })?;
             let path = Path::new(dir).join("report.json");
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            psic::eval::tradeoff_point(name, &text)
+            Ok((name.to_string(), text))
         })
+        .collect()
+}
+
+#[cfg(feature = "eval")]
+fn rd(a: RdArgs, ui: &Ui) -> Result<()> {
+    use psic::eval::rd::{rd_point, rd_summary, write_rd_report};
+    let points = read_reports(&a.reports)?
+        .iter()
+        .map(|(name, text)| rd_point(name, text))
+        .collect::<Result<Vec<_>>>()?;
+    let summary = rd_summary(points);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_rd_report(&summary, &a.out, &a.title, &command)?;
+    for (i, p) in summary.points.iter().enumerate() {
+        let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:+.2} dB"));
+        println!(
+            "{}: {:.4} bpp, full {:.2} dB ({} vs JPEG), shielded {} of full",
+            p.name,
+            p.bpp,
+            p.psnr_full,
+            fmt(summary.full_minus_jpeg[i]),
+            fmt(summary.shielded_minus_full[i]),
+        );
+    }
+    ui.status(format_args!(
+        "BD-PSNR of the full decodes over JPEG: {}; report in {}",
+        summary
+            .bd_psnr_full_vs_jpeg
+            .map_or("—".into(), |v| format!("{v:+.2} dB")),
+        a.out.display()
+    ));
+    Ok(())
+}
+
+#[cfg(feature = "eval")]
+fn tradeoff(a: TradeoffArgs, ui: &Ui) -> Result<()> {
+    let points = read_reports(&a.reports)?
+        .iter()
+        .map(|(name, text)| psic::eval::tradeoff_point(name, text))
         .collect::<Result<Vec<_>>>()?;
     psic::eval::tradeoff_chart(&points, &a.out)?;
     for p in &points {
@@ -1106,7 +1210,9 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         SplitArg::All => None,
         SplitArg::Eval => Some((psic::data::Split::Eval, a.eval_percent)),
     };
-    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level)?;
+    let codec = a
+        .strength
+        .apply(load_codec(a.model.as_deref(), &device)?.with_level(a.level)?)?;
     let target = match (&a.target, &a.weights) {
         (Some(t), Some(w)) => Some(psic::targets::load_target(&t.as_str().into(), w, &device)?),
         _ => None,
@@ -1324,6 +1430,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a, &ui),
         #[cfg(feature = "eval")]
         Command::Tradeoff(a) => tradeoff(a, &ui),
+        #[cfg(feature = "eval")]
+        Command::Rd(a) => rd(a, &ui),
         Command::Psnr(a) => psnr(a),
         #[cfg(feature = "train")]
         Command::Classify(a) => classify(a, &ui),

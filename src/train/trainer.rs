@@ -226,6 +226,16 @@ pub struct ShieldConfig {
     /// the shield disturbs the features that other models share, not only the target's head.
     #[serde(default)]
     pub lambda_feature: f64,
+    /// Weight of the PSNR-gap budget (0, the default, leaves it out): a hinge
+    /// `½·255²·lambda_gap·max(0, MSE_shielded − MSE_full·10^(max_psnr_gap/10))` on each batch,
+    /// with the full decode's MSE held fixed, so the shielded decode pays extra only for the
+    /// part of its distortion that lies more than `max_psnr_gap` dB under the full decode. The
+    /// shield then takes what the budget allows instead of trading against a fixed weight.
+    #[serde(default)]
+    pub lambda_gap: f64,
+    /// The budget of [`ShieldConfig::lambda_gap`], in dB of PSNR (default 1.5).
+    #[serde(default = "default_max_psnr_gap")]
+    pub max_psnr_gap: f64,
     /// What the generator's triggers are ([`Modulation`]: `bias`, PSIC's; `scale`, per-channel
     /// gains; `affine`, both). Absent: the `init` model's generator as it is (a new one is
     /// `bias`). `affine` on a `bias` generator adds zero-initialised gains, so training starts
@@ -314,6 +324,9 @@ fn default_clean_weight() -> f64 {
 fn default_one() -> f64 {
     1.0
 }
+fn default_max_psnr_gap() -> f64 {
+    1.5
+}
 fn default_noisy_weight() -> f64 {
     0.5
 }
@@ -358,6 +371,8 @@ impl TrainConfig {
                 ("noisy_weight", s.noisy_weight),
                 ("lambda_periodic", s.lambda_periodic),
                 ("lambda_feature", s.lambda_feature),
+                ("lambda_gap", s.lambda_gap),
+                ("max_psnr_gap", s.max_psnr_gap),
             ]);
         }
         let generator_lr_scale = self.shield.as_ref().map_or(1.0, |s| s.generator_lr_scale);
@@ -605,7 +620,9 @@ impl Trainer {
                     device,
                 )?;
                 if let Some(c) = conditions {
-                    t.conditions = c;
+                    // Training optimises the trained shield itself (strength 1), whatever
+                    // strength the initial model decodes at by default.
+                    t.conditions = Conditions { strength: 1.0, ..c };
                 }
                 Ok(t)
             }
@@ -914,6 +931,10 @@ impl Trainer {
         } else {
             None
         };
+        if shield.lambda_gap > 0.0 {
+            let excess = gap_excess(&mse_sh, &mse_full, shield.max_psnr_gap)?;
+            loss = (loss + (excess * (0.5 * 255.0 * 255.0 * shield.lambda_gap))?)?;
+        }
         let feature = if use_features && !f_orig.is_empty() {
             let f = feature_similarity(&f_sh, &f_orig)?;
             loss = (loss + (&f * shield.lambda_feature)?)?;
@@ -1351,6 +1372,13 @@ pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
     Ok(canvas)
 }
 
+/// The part of the shielded decode's MSE above the budget `max_gap_db` dB of PSNR under the full
+/// decode (whose MSE is held fixed): `max(0, mse_sh − mse_full·10^(max_gap_db/10))`.
+fn gap_excess(mse_sh: &Tensor, mse_full: &Tensor, max_gap_db: f64) -> Result<Tensor> {
+    let allowed = (mse_full.detach() * 10f64.powf(max_gap_db / 10.0))?;
+    Ok((mse_sh - allowed)?.relu()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1459,5 +1487,27 @@ mod tests {
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         let same = kl_divergence(&p, &p).unwrap().to_scalar::<f32>().unwrap();
         assert!(same.abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_gap_budget_charges_only_the_excess_and_only_the_shielded_decode() {
+        let dev = Device::Cpu;
+        let full = candle_core::Var::new(0.01f32, &dev).unwrap();
+        // 10^(1.5/10) = 1.4125: the budget allows an MSE of 0.014125 at 1.5 dB.
+        for (sh, want) in [(0.014f32, 0.0f64), (0.02, 0.02 - 0.01 * 10f64.powf(0.15))] {
+            let sh = candle_core::Var::new(sh, &dev).unwrap();
+            let e = gap_excess(sh.as_tensor(), full.as_tensor(), 1.5).unwrap();
+            let got = e.to_scalar::<f32>().unwrap() as f64;
+            assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+            let grads = e.backward().unwrap();
+            let d_sh = grads
+                .get(sh.as_tensor())
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d_sh, if want > 0.0 { 1.0 } else { 0.0 });
+            // The full decode's MSE is the reference, not something the budget pushes on.
+            assert!(grads.get(full.as_tensor()).is_none());
+        }
     }
 }
