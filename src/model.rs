@@ -617,21 +617,65 @@ impl ModelFile {
     /// every decode is unchanged until training moves them): its triggers become
     /// [`Modulation::Affine`]. A generator that already has gains is returned as it is.
     pub fn with_cltg_gains(&self, device: &Device) -> Result<Self> {
-        let cfg = CltgConfig::infer_generic(&self.tensors)?.ok_or_else(|| {
-            Error::InvalidArgument("the model has no generic (cltg.*) trigger generator".into())
-        })?;
+        let cfg = self.generic_cltg_config()?;
         if cfg.modulation.has_scale() {
             return Ok(self.clone());
         }
-        let affine = cfg.with_modulation(Modulation::Affine);
-        let names = CltgNames::generic(affine.injection_points.len());
+        self.with_cltg_modulation(Modulation::Affine, 0, device)
+    }
+
+    /// Extends a shielded model's generic generator to `modulation`, adding what it lacks:
+    /// gain and adaptive-weight projections at zero (so every decode is unchanged until
+    /// training moves them) and adaptive convolutions seeded by `seed`. Only extensions are
+    /// possible (bias → affine → adaptive, scale → affine → adaptive); anything else is an
+    /// [`Error::InvalidArgument`].
+    pub fn with_cltg_modulation(
+        &self,
+        modulation: Modulation,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let have = self.generic_cltg_config()?;
+        let (h, w) = (have.modulation, modulation);
+        let keeps = (!h.has_bias() || w.has_bias())
+            && (!h.has_scale() || w.has_scale())
+            && (!h.has_adaptive() || w.has_adaptive());
+        if !keeps {
+            return Err(Error::InvalidArgument(format!(
+                "cannot turn a generator with {h:?} triggers into one with {w:?} triggers \
+                 (it would drop trained weights): start a fresh generator"
+            )));
+        }
+        let cfg = have.with_modulation(modulation);
+        let names = CltgNames::generic(cfg.injection_points.len());
+        // Fresh tensors come from a seeded generator of the target layout; those that exist
+        // stay as they are.
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+        Cltg::new(vb, &cfg)?;
+        let fresh = varmap.data().lock().expect("VarMap lock");
         let mut out = self.clone();
-        for (name, shape) in names.tensor_shapes(&affine) {
+        for (name, shape) in names.tensor_shapes(&cfg) {
             if let std::collections::hash_map::Entry::Vacant(e) = out.tensors.entry(name) {
-                e.insert(Tensor::zeros(shape, DType::F32, device)?);
+                let var = fresh.get(e.key()).ok_or_else(|| {
+                    Error::Model(format!("no fresh generator tensor {}", e.key()))
+                })?;
+                let is_projection = shape.len() == 2;
+                e.insert(if is_projection {
+                    Tensor::zeros(shape, DType::F32, device)?
+                } else {
+                    var.as_tensor().copy()?
+                });
             }
         }
         Ok(out)
+    }
+
+    /// The configuration of the model's generic (`cltg.*`) generator.
+    fn generic_cltg_config(&self) -> Result<CltgConfig> {
+        CltgConfig::infer_generic(&self.tensors)?.ok_or_else(|| {
+            Error::InvalidArgument("the model has no generic (cltg.*) trigger generator".into())
+        })
     }
 
     /// The conditions of a shielded model: the `conditions` metadata, or the official

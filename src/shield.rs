@@ -17,7 +17,8 @@
 //! stride-2 transposed convolutions comes out as a pattern that repeats with the synthesis
 //! period (16 pixels): psic's generators can instead (or also) emit per-channel gains
 //! ([`Modulation::Scale`], [`Modulation::Affine`]), `x·(1 + s) + b`, whose effect on the image
-//! follows its content.
+//! follows its content, and a content-adaptive term ([`Modulation::Adaptive`]): a learned
+//! convolution of the activation weighted per channel by the condition.
 //!
 //! [`ShieldedBackbone`] pairs any backbone with a generator built for its injection points, which
 //! is how PSIC plugs into an existing codec.
@@ -28,7 +29,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{LicBackbone, Triggers};
+use crate::backbone::{AdaptiveTrigger, LicBackbone, Triggers};
 use crate::{Error, Result};
 
 /// The decode condition: the reference's scalar `beta`.
@@ -166,17 +167,27 @@ pub enum Modulation {
     Scale,
     /// `x·(1 + s) + b`: gains and biases (FiLM).
     Affine,
+    /// `x·(1 + s) + b + m ⊙ (K ∗ x)`: gains, biases and a content-adaptive term, a learned 3×3
+    /// convolution `K` of the activation weighted per channel by `m` (which the condition
+    /// sets; [`crate::backbone::AdaptiveTrigger`]). The change follows the image's local
+    /// structure, not only its per-channel level.
+    Adaptive,
 }
 
 impl Modulation {
     /// Whether the triggers carry biases.
     pub fn has_bias(self) -> bool {
-        matches!(self, Self::Bias | Self::Affine)
+        matches!(self, Self::Bias | Self::Affine | Self::Adaptive)
     }
 
     /// Whether the triggers carry gains.
     pub fn has_scale(self) -> bool {
-        matches!(self, Self::Scale | Self::Affine)
+        matches!(self, Self::Scale | Self::Affine | Self::Adaptive)
+    }
+
+    /// Whether the triggers carry content-adaptive terms.
+    pub fn has_adaptive(self) -> bool {
+        matches!(self, Self::Adaptive)
     }
 }
 
@@ -234,8 +245,15 @@ impl CltgConfig {
                 .map(|w| Ok(w.dims2()?.0))
                 .collect::<Result<Vec<_>>>()
         };
-        let (bias, scale) = (widths("proj")?, widths("scale")?);
+        let (bias, scale, mix) = (widths("proj")?, widths("scale")?, widths("mix")?);
         let (modulation, injection_points) = match (bias.is_empty(), scale.is_empty()) {
+            _ if !mix.is_empty() && bias == scale && bias == mix => (Modulation::Adaptive, mix),
+            _ if !mix.is_empty() => {
+                return Err(Error::Model(format!(
+                    "{p}.mix.* widths {mix:?} need {p}.proj.* and {p}.scale.* of the same \
+                     widths, got {bias:?} and {scale:?}"
+                )))
+            }
             (_, true) => (Modulation::Bias, bias),
             (true, false) => (Modulation::Scale, scale),
             (false, false) if bias == scale => (Modulation::Affine, bias),
@@ -273,6 +291,12 @@ pub struct CltgNames {
     /// One bias-free `Linear(H, C_i)` per injection point: the gains (empty where the layout
     /// has none).
     pub scale_projections: Vec<String>,
+    /// One bias-free `Linear(H, C_i)` per injection point: the weights of the adaptive terms
+    /// (empty where the layout has none).
+    pub mix_projections: Vec<String>,
+    /// One bias-free `Conv2d(C_i, C_i, 3, padding 1)` per injection point: the adaptive terms'
+    /// convolutions (empty where the layout has none).
+    pub adaptive_convs: Vec<String>,
 }
 
 impl CltgNames {
@@ -289,6 +313,8 @@ impl CltgNames {
             fc2: format!("{p}.beta_mlp.fc2"),
             projections: (0..points).map(|i| format!("{p}.proj.{i}")).collect(),
             scale_projections: (0..points).map(|i| format!("{p}.scale.{i}")).collect(),
+            mix_projections: (0..points).map(|i| format!("{p}.mix.{i}")).collect(),
+            adaptive_convs: (0..points).map(|i| format!("{p}.adapt.{i}")).collect(),
         }
     }
 
@@ -305,11 +331,18 @@ impl CltgNames {
         for (names, used) in [
             (&self.projections, m.has_bias()),
             (&self.scale_projections, m.has_scale()),
+            (&self.mix_projections, m.has_adaptive()),
         ] {
             if used {
                 for (p, &c) in names.iter().zip(&cfg.injection_points) {
                     out.push((format!("{p}.weight"), vec![c, h]));
                 }
+            }
+        }
+        if m.has_adaptive() {
+            for (p, &c) in self.adaptive_convs.iter().zip(&cfg.injection_points) {
+                let k = ADAPTIVE_KERNEL;
+                out.push((format!("{p}.weight"), vec![c, c, k, k]));
             }
         }
         out
@@ -329,9 +362,14 @@ impl CltgNames {
                 })
                 .collect(),
             scale_projections: Vec::new(),
+            mix_projections: Vec::new(),
+            adaptive_convs: Vec::new(),
         }
     }
 }
+
+/// Kernel size of the adaptive terms' convolutions ([`Modulation::Adaptive`]).
+pub const ADAPTIVE_KERNEL: usize = 3;
 
 /// A `Linear(in, out)` initialised as PyTorch's `nn.Linear` (uniform in `±1/sqrt(in)`).
 fn linear(vb: &VarBuilder, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
@@ -362,6 +400,28 @@ fn linear_init(
     Ok(Linear::new(weight, bias))
 }
 
+/// A bias-free `Conv2d(c, c, ADAPTIVE_KERNEL, padding to keep the size)` at `prefix`.
+fn adaptive_conv(
+    vb: &VarBuilder,
+    prefix: &str,
+    c: usize,
+) -> Result<std::sync::Arc<candle_nn::Conv2d>> {
+    let k = ADAPTIVE_KERNEL;
+    let bound = 1.0 / ((c * k * k) as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let weight = vb.pp(prefix).get_with_hints((c, c, k, k), "weight", init)?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding: k / 2,
+        ..Default::default()
+    };
+    Ok(std::sync::Arc::new(candle_nn::Conv2d::new(
+        weight, None, cfg,
+    )))
+}
+
 /// Conditional latent trigger generation (PSIC's CLTG): Fourier embedding of `beta`, a two-layer
 /// ReLU MLP, and one bias-free linear projection per injection point.
 ///
@@ -375,6 +435,8 @@ pub struct Cltg {
     fc2: Linear,
     projections: Vec<Linear>,
     scale_projections: Vec<Linear>,
+    mix_projections: Vec<Linear>,
+    adaptive_convs: Vec<std::sync::Arc<candle_nn::Conv2d>>,
     device: Device,
     dtype: DType,
 }
@@ -392,6 +454,8 @@ impl Cltg {
         for (list, used) in [
             (&names.projections, m.has_bias()),
             (&names.scale_projections, m.has_scale()),
+            (&names.mix_projections, m.has_adaptive()),
+            (&names.adaptive_convs, m.has_adaptive()),
         ] {
             if used && list.len() != cfg.injection_points.len() {
                 return Err(Error::InvalidArgument(format!(
@@ -428,12 +492,29 @@ impl Cltg {
             m.has_scale(),
             Some(Init::Const(0.)),
         )?;
+        // Adaptive weights start at zero too (the term is then exactly 0); their convolutions
+        // start as PyTorch's `nn.Conv2d` (uniform in ±1/sqrt(fan-in)), so the weights get a
+        // gradient from the first step.
+        let mix = projections(
+            &names.mix_projections,
+            m.has_adaptive(),
+            Some(Init::Const(0.)),
+        )?;
+        let convs = names
+            .adaptive_convs
+            .iter()
+            .zip(&cfg.injection_points)
+            .filter(|_| m.has_adaptive())
+            .map(|(name, &c)| adaptive_conv(&vb, name, c))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             fc1,
             fc2,
             projections: bias,
             scale_projections: scale,
+            mix_projections: mix,
+            adaptive_convs: convs,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -482,6 +563,17 @@ impl Cltg {
                 .collect::<candle_core::Result<Vec<_>>>()
         };
         let m = self.cfg.modulation;
+        let adaptive = || -> Result<Vec<AdaptiveTrigger>> {
+            let mix = project(&self.mix_projections)?;
+            Ok(mix
+                .into_iter()
+                .zip(&self.adaptive_convs)
+                .map(|(mix, conv)| AdaptiveTrigger {
+                    mix,
+                    conv: conv.clone(),
+                })
+                .collect())
+        };
         Ok(Triggers {
             bias: m
                 .has_bias()
@@ -491,6 +583,7 @@ impl Cltg {
                 .has_scale()
                 .then(|| project(&self.scale_projections))
                 .transpose()?,
+            adaptive: m.has_adaptive().then(adaptive).transpose()?,
         })
     }
 }

@@ -234,3 +234,84 @@ fn shield_strength_interpolates_the_triggers_and_travels_in_the_model_file() {
     // A plain model has nothing to strengthen.
     assert!(tiny_codec(3).with_shield_strength(0.5).is_err());
 }
+
+/// Content-adaptive triggers (`Modulation::Adaptive`): a bias generator extended with them
+/// starts exactly where it was, the model file carries them, moved weights change only the
+/// shielded decode, and generators cannot be shrunk by an extension.
+#[test]
+fn adaptive_triggers_extend_a_generator_and_change_only_the_shielded_decode() {
+    use psic::shield::{CltgConfig, Modulation};
+    let cpu = Device::Cpu;
+    let model = psic::zoo::default_model(&cpu).unwrap();
+    let img = test_image(64, 64);
+    let decodes = |m: &ModelFile| {
+        let codec = Codec::from_model_file(m, &cpu).unwrap();
+        let bytes = codec.encode(&img).unwrap();
+        let c = codec.conditions().unwrap();
+        let latent = codec.decode_latent(&bytes).unwrap();
+        let full = f32s(&codec.synthesize(&latent, &c.full).unwrap());
+        let shielded = f32s(&codec.synthesize(&latent, &c.shielded).unwrap());
+        (full, shielded)
+    };
+    let adaptive = model
+        .with_cltg_modulation(Modulation::Adaptive, 5, &cpu)
+        .unwrap();
+    let cfg = CltgConfig::infer_generic(&adaptive.tensors)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cfg.modulation, Modulation::Adaptive);
+    for name in [
+        "cltg.scale.0.weight",
+        "cltg.mix.2.weight",
+        "cltg.adapt.1.weight",
+    ] {
+        assert!(adaptive.tensors.contains_key(name), "{name}");
+    }
+    assert_eq!(
+        adaptive.fingerprint().unwrap(),
+        model.fingerprint().unwrap()
+    );
+    let before = decodes(&model);
+    assert_eq!(decodes(&adaptive), before);
+
+    // Moved adaptive weights: full decode unchanged (anchored), shielded decode changed; and
+    // the change survives a save and load.
+    let mut moved = adaptive.clone();
+    for i in 0..cfg.injection_points.len() {
+        let name = format!("cltg.mix.{i}.weight");
+        let w = (moved.tensors[&name].ones_like().unwrap() * 0.01).unwrap();
+        moved.tensors.insert(name, w);
+    }
+    let (full, shielded) = decodes(&moved);
+    assert_eq!(full, before.0);
+    assert!(max_abs_diff(&shielded, &before.1) > 1e-3);
+    let tmp =
+        std::env::temp_dir().join(format!("psic-adaptive-{}.safetensors", std::process::id()));
+    moved.save(&tmp).unwrap();
+    let reloaded = ModelFile::load(&tmp, &cpu).unwrap();
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(decodes(&reloaded), (full.clone(), shielded));
+    // Strength 0 of an adaptive shield is the full decode, bit for bit.
+    let codec = Codec::from_model_file(&moved, &cpu)
+        .unwrap()
+        .with_shield_strength(0.0)
+        .unwrap();
+    let bytes = codec.encode(&img).unwrap();
+    let latent = codec.decode_latent(&bytes).unwrap();
+    let c = codec.conditions().unwrap();
+    assert_eq!(f32s(&codec.synthesize(&latent, &c.shielded).unwrap()), full);
+
+    // No shrinking: adaptive -> affine would drop trained weights.
+    let err = moved
+        .with_cltg_modulation(Modulation::Affine, 5, &cpu)
+        .unwrap_err();
+    assert!(err.to_string().contains("fresh generator"), "{err}");
+    // A model whose adaptive convolution lost its shape is refused on load.
+    let mut broken = moved.clone();
+    let w = broken.tensors["cltg.adapt.0.weight"]
+        .narrow(3, 0, 2)
+        .unwrap();
+    broken.tensors.insert("cltg.adapt.0.weight".into(), w);
+    let err = Codec::from_model_file(&broken, &cpu).unwrap_err();
+    assert!(matches!(err, psic::Error::Model(_)), "{err}");
+}

@@ -52,12 +52,30 @@ pub struct GaussianParams {
 /// (PSIC's triggers) and, for a modulating generator, per-channel gains. Entry `i` of each list
 /// has shape `[B, C_i]` (or `[1, C_i]`, broadcast over the batch), `C_i` the width of injection
 /// point `i`; the activation `x` at point `i` becomes `x·(1 + scale_i) + bias_i`.
+///
+/// A content-adaptive generator adds, at each point, a learned convolution of the activation
+/// weighted per channel ([`AdaptiveTrigger`]): `+ mix_i ⊙ (K_i ∗ x)`, a change that follows the
+/// image's local structure rather than one value per channel.
 #[derive(Debug, Clone)]
 pub struct Triggers {
     /// Per-channel biases (`None`: the generator only modulates).
     pub bias: Option<Vec<Tensor>>,
     /// Per-channel gains minus one (`None`: the generator only adds, as PSIC's does).
     pub scale: Option<Vec<Tensor>>,
+    /// Content-adaptive terms, one per injection point (`None` for all but
+    /// [`crate::shield::Modulation::Adaptive`] generators).
+    pub adaptive: Option<Vec<AdaptiveTrigger>>,
+}
+
+/// The content-adaptive term of a trigger at one injection point: `mix ⊙ (conv ∗ x)`, with `x`
+/// the activation there (`[B, C, H, W]`), `conv` a `C → C` convolution that keeps the size,
+/// and `mix` (`[B, C]` or `[1, C]`) its weight per channel, which the condition sets.
+#[derive(Debug, Clone)]
+pub struct AdaptiveTrigger {
+    /// Per-channel weight of the convolution's output.
+    pub mix: Tensor,
+    /// The convolution (shared by every condition of a generator).
+    pub conv: std::sync::Arc<candle_nn::Conv2d>,
 }
 
 impl Triggers {
@@ -66,20 +84,40 @@ impl Triggers {
         Self {
             bias: Some(bias),
             scale: None,
+            adaptive: None,
         }
     }
 
-    /// The lists present (biases first), each with one entry per injection point.
-    fn lists(&self) -> impl Iterator<Item = &Vec<Tensor>> {
-        self.bias.iter().chain(self.scale.iter())
+    /// The per-channel lists present (biases, gains, adaptive weights), each with one entry
+    /// per injection point.
+    fn lists(&self) -> impl Iterator<Item = Vec<&Tensor>> {
+        let mix = self
+            .adaptive
+            .as_ref()
+            .map(|a| a.iter().map(|t| &t.mix).collect());
+        let bias = self.bias.as_ref().map(|v| v.iter().collect());
+        let scale = self.scale.as_ref().map(|v| v.iter().collect());
+        bias.into_iter().chain(scale).chain(mix)
     }
 
-    /// Applies `f` to every tensor (e.g. to broadcast over a batch).
+    /// Applies `f` to every per-channel tensor (e.g. to broadcast over a batch); the adaptive
+    /// terms keep their convolutions.
     pub fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
         let apply = |v: &Vec<Tensor>| v.iter().map(&f).collect::<candle_core::Result<Vec<_>>>();
+        let adaptive = |v: &Vec<AdaptiveTrigger>| {
+            v.iter()
+                .map(|t| {
+                    Ok(AdaptiveTrigger {
+                        mix: f(&t.mix)?,
+                        conv: t.conv.clone(),
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
         Ok(Self {
             bias: self.bias.as_ref().map(apply).transpose()?,
             scale: self.scale.as_ref().map(apply).transpose()?,
+            adaptive: self.adaptive.as_ref().map(adaptive).transpose()?,
         })
     }
 
@@ -102,17 +140,42 @@ impl Triggers {
                 "triggers of different kinds cannot be combined".into(),
             )),
         };
+        let different =
+            || Error::InvalidArgument("triggers of different kinds cannot be combined".into());
+        let adaptive = match (&self.adaptive, &other.adaptive) {
+            (None, None) => None,
+            (Some(a), Some(b)) if a.len() == b.len() => Some(
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| {
+                        // One convolution, two weights: combining the weights is exact.
+                        if !std::sync::Arc::ptr_eq(&a.conv, &b.conv) {
+                            return Err(Error::InvalidArgument(
+                                "adaptive triggers of different convolutions cannot be combined"
+                                    .into(),
+                            ));
+                        }
+                        Ok(AdaptiveTrigger {
+                            mix: f(&a.mix, &b.mix)?,
+                            conv: a.conv.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            _ => return Err(different()),
+        };
         Ok(Self {
             bias: apply(&self.bias, &other.bias)?,
             scale: apply(&self.scale, &other.scale)?,
+            adaptive,
         })
     }
 
     /// Checks the triggers against a backbone's injection points and batch size.
     pub fn check(&self, points: &[usize], batch: usize) -> Result<()> {
-        if self.bias.is_none() && self.scale.is_none() {
+        if self.bias.is_none() && self.scale.is_none() && self.adaptive.is_none() {
             return Err(Error::InvalidArgument(
-                "triggers with neither bias nor scale".into(),
+                "triggers with neither bias, scale nor adaptive term".into(),
             ));
         }
         for list in self.lists() {
@@ -132,12 +195,24 @@ impl Triggers {
                 }
             }
         }
+        for (i, (t, &c)) in self.adaptive.iter().flatten().zip(points).enumerate() {
+            let (o, inp, kh, kw) = t.conv.weight().dims4()?;
+            let cfg = t.conv.config();
+            let pad = cfg.padding;
+            let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+            if !plain || (o, inp) != (c, c) || kh != kw || kh % 2 == 0 || 2 * pad + 1 != kh {
+                return Err(Error::InvalidArgument(format!(
+                    "adaptive trigger {i}: a {o}x{inp}x{kh}x{kw} convolution (padding {pad}) \
+                     does not map the point's {c} channels onto themselves at the same size"
+                )));
+            }
+        }
         Ok(())
     }
 
     /// Applies trigger `i` to a `[B, C, H, W]` activation, broadcast over `H` and `W`:
-    /// `x·(1 + scale_i) + bias_i`, computed as `x + x·scale_i` so that a zero scale leaves `x`
-    /// bit-identical.
+    /// `x·(1 + scale_i) + bias_i (+ mix_i ⊙ (K_i ∗ x))`, computed as `x + x·scale_i` so that a
+    /// zero scale leaves `x` bit-identical.
     pub fn inject(&self, i: usize, x: &Tensor) -> Result<Tensor> {
         let as4 = |t: &Tensor| -> Result<Tensor> {
             let (b, c) = t.dims2()?;
@@ -149,6 +224,11 @@ impl Triggers {
         }
         if let Some(bias) = &self.bias {
             h = h.broadcast_add(&as4(&bias[i])?)?;
+        }
+        if let Some(adaptive) = &self.adaptive {
+            let t = &adaptive[i];
+            let k = candle_core::Module::forward(t.conv.as_ref(), x)?;
+            h = (h + k.broadcast_mul(&as4(&t.mix)?)?)?;
         }
         Ok(h)
     }

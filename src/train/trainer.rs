@@ -557,7 +557,8 @@ fn is_synthesis_side(name: &str, synthesis_prefixes: &[String]) -> bool {
 }
 
 /// The `init` model with the generator `[shield]` asks for: a fresh one where it has none (or
-/// `fresh_generator`), gains added where `modulation = "affine"` meets a bias generator.
+/// `fresh_generator`), extended where `modulation` asks for more than the generator has (zero
+/// gains or adaptive weights, see [`ModelFile::with_cltg_modulation`]).
 fn prepare_generator(model: ModelFile, shield: &ShieldConfig, seed: u64) -> Result<ModelFile> {
     let cpu = Device::Cpu;
     let wanted = shield.modulation;
@@ -570,14 +571,16 @@ fn prepare_generator(model: ModelFile, shield: &ShieldConfig, seed: u64) -> Resu
     let have = CltgConfig::infer_generic(&model.tensors)?
         .map(|c| c.modulation)
         .unwrap_or_default();
-    match (have, wanted) {
-        (h, w) if h == w => Ok(model),
-        (Modulation::Bias, Modulation::Affine) => model.with_cltg_gains(&cpu),
-        (h, w) => Err(Error::InvalidArgument(format!(
-            "the init model's generator has {h:?} triggers, [shield] asks for {w:?}: set \
-             fresh_generator = true to start a new generator"
-        ))),
+    if have == wanted {
+        return Ok(model);
     }
+    // Extensions (bias -> affine -> adaptive) add zero weights and keep the start exact.
+    model.with_cltg_modulation(wanted, seed, &cpu).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "the init model's generator has {have:?} triggers, [shield] asks for {wanted:?}: \
+             set fresh_generator = true to start a new generator"
+        ))
+    })
 }
 
 impl Trainer {
