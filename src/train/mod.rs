@@ -66,6 +66,30 @@ pub fn rd_forward(
     Ok(RdForward { x_hat, bpp, mse })
 }
 
+/// The latent the decoder sees, `y_hat = round(y − μ) + μ` (μ = 0 without means), detached,
+/// and the estimated bits per pixel of `y_hat` and `z_hat = round(z)`: what a [`crate::Codec`]
+/// decodes, for validation and for training the synthesis alone (see
+/// [`ShieldConfig::rounded_latents`](crate::train::ShieldConfig::rounded_latents)).
+pub fn rounded_latent(backbone: &dyn LicBackbone, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, _, h, w) = x.dims4()?;
+    let y = backbone.analysis(x)?.detach();
+    let z_hat = backbone.hyper_analysis(&y)?.round()?.detach();
+    let params = backbone.hyper_synthesis(&z_hat)?;
+    let y_hat = match &params.means {
+        Some(mu) => ((&y - mu)?.round()? + mu)?,
+        None => y.round()?,
+    }
+    .detach();
+    let y_lik = backbone.gaussian_conditional().likelihood(
+        &y_hat,
+        &params.scales,
+        params.means.as_ref(),
+    )?;
+    let z_lik = backbone.entropy_bottleneck().likelihood(&z_hat)?;
+    let bpp = bits_per_pixel(&y_lik, &z_lik, b * h * w)?.detach();
+    Ok((y_hat, bpp))
+}
+
 /// The encoder half of [`rd_forward`]: the noise-quantised latent `y + u` and the estimated
 /// bits per pixel of `y` and `z` (noise drawn for `z` first, then `y`).
 pub fn noisy_latent(
