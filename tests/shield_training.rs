@@ -418,3 +418,55 @@ fn modulation_settings_choose_and_train_the_generators_triggers() {
     .is_ok());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A frozen-analysis run from a model with quality levels keeps them (export and resume), trains
+/// on rounded latents with adaptive triggers, a gap budget and a warm-up; a run that trains the
+/// analysis drops them (they were fitted to the old latent).
+#[test]
+fn frozen_runs_keep_quality_levels_and_train_on_rounded_latents() {
+    let (dir, plain) = colour_folder("levels");
+    let dev = Device::Cpu;
+    let model = psic::ModelFile::load(&plain, &dev).unwrap();
+    let levels = psic::rate::RateLevels::new(vec![vec![0.5; 12], vec![2.0; 12]], vec![]).unwrap();
+    let with_levels = dir.join("levels.safetensors");
+    model
+        .with_rate_levels(Some(&levels))
+        .unwrap()
+        .save(&with_levels)
+        .unwrap();
+    let shield = "freeze_analysis = true\nrounded_latents = true\nmodulation = \"adaptive\"\n\
+                  lambda_gap = 0.01\nmax_psnr_gap = 1.0";
+    let run = "steps = 4\nlr = 1e-3\nseed = 4\nwarmup_steps = 2";
+    let target = || Some(Box::new(ColourTarget(dev.clone())) as Box<dyn SemanticTarget>);
+    let mut t = Trainer::with_target(
+        colour_stage1(&dir, &with_levels, run, shield),
+        &dev,
+        target(),
+    )
+    .unwrap();
+    let first = t.step().unwrap();
+    assert!(first.loss.is_finite() && first.lr > 0.0);
+    let exported = t.export().unwrap();
+    assert_eq!(exported.rate_levels().unwrap(), Some(levels.clone()));
+    assert!(exported.tensors.contains_key("cltg.adapt.0.weight"));
+    let ckpt = dir.join("levels-ckpt.safetensors");
+    t.save_checkpoint(&ckpt).unwrap();
+    let next = t.step().unwrap();
+    let mut resumed = Trainer::resume_with_target(&ckpt, &dev, |_| {}, target()).unwrap();
+    assert_eq!(
+        resumed.export().unwrap().rate_levels().unwrap(),
+        Some(levels)
+    );
+    let again = resumed.step().unwrap();
+    assert_eq!(next.loss.to_bits(), again.loss.to_bits());
+
+    // The analysis trains: the levels are dropped.
+    let open = Trainer::with_target(
+        colour_stage1(&dir, &with_levels, run, "modulation = \"affine\""),
+        &dev,
+        target(),
+    )
+    .unwrap();
+    assert_eq!(open.export().unwrap().rate_levels().unwrap(), None);
+    std::fs::remove_dir_all(&dir).ok();
+}

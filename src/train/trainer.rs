@@ -17,6 +17,7 @@ use super::{rd_loss, RdForward};
 use crate::backbone::LicBackbone;
 use crate::init::SplitMix64;
 use crate::model::{Architecture, ModelFile};
+use crate::rate::{RateLevels, GAINS_TENSOR, LEVELS_METADATA};
 use crate::shield::{
     AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, Modulation, TriggerGenerator,
 };
@@ -533,6 +534,9 @@ pub struct Trainer {
     backbone: Box<dyn LicBackbone>,
     generator: Option<Box<dyn TriggerGenerator>>,
     conditions: Conditions,
+    /// The `init` model's quality levels, kept when the analysis side is frozen (the gains
+    /// act on its latent, which then does not change) and written into every export.
+    rate_levels: Option<RateLevels>,
     target: Option<Box<dyn SemanticTarget>>,
     architecture: Architecture,
     main: Adam,
@@ -633,6 +637,11 @@ impl Trainer {
                     model = prepare_generator(model, shield, cfg.seed ^ 0xc17)?;
                 }
                 let conditions = model.conditions()?;
+                let frozen = cfg.stage == Stage::Privacy
+                    || cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis);
+                // A trained analysis moves the latent the gains were fitted to: levels are only
+                // carried over when it is frozen (refit them with `psic rates` otherwise).
+                let rate_levels = model.rate_levels()?.filter(|_| frozen);
                 let mut t = Self::build(
                     cfg,
                     model.architecture.clone(),
@@ -640,6 +649,7 @@ impl Trainer {
                     target,
                     device,
                 )?;
+                t.rate_levels = rate_levels;
                 if let Some(c) = conditions {
                     // Training optimises the trained shield itself (strength 1), whatever
                     // strength the initial model decodes at by default.
@@ -755,6 +765,7 @@ impl Trainer {
             backbone,
             generator,
             conditions,
+            rate_levels: None,
             target,
             architecture,
             sampler,
@@ -1107,8 +1118,11 @@ impl Trainer {
             "weighting".into(),
             Tensor::new(self.weighting.state().as_slice(), &self.device)?,
         ));
+        if let Some(levels) = &self.rate_levels {
+            tensors.push((GAINS_TENSOR.into(), levels.gains_tensor()?));
+        }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("format".to_string(), "psic-train-checkpoint".to_string()),
             (
                 "config".to_string(),
@@ -1127,6 +1141,9 @@ impl Trainer {
                 serde_json::to_string(&self.conditions).unwrap_or_default(),
             ),
         ]);
+        if let Some(levels) = &self.rate_levels {
+            meta.insert(LEVELS_METADATA.into(), levels.metadata_json());
+        }
         let bytes =
             safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
                 .map_err(|e| Error::Model(format!("cannot serialise checkpoint: {e}")))?;
@@ -1185,6 +1202,8 @@ impl Trainer {
             t.conditions = serde_json::from_str(c)
                 .map_err(|e| Error::Model(format!("{}: bad conditions: {e}", path.display())))?;
         }
+        t.rate_levels =
+            RateLevels::from_model_parts(tensors.get(GAINS_TENSOR), info.get(LEVELS_METADATA))?;
         t.main.load_state(&tensors, "adam.main")?;
         t.aux.load_state(&tensors, "adam.aux")?;
         let rng = tensors
@@ -1221,7 +1240,7 @@ impl Trainer {
             let json = serde_json::to_string(&self.conditions).unwrap_or_default();
             model.extra_metadata.insert("conditions".into(), json);
         }
-        Ok(model)
+        model.with_rate_levels(self.rate_levels.as_ref())
     }
 
     /// The current forward pass of a batch without triggers (tests and diagnostics).
