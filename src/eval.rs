@@ -838,8 +838,8 @@ pub fn tradeoff_point(name: &str, report_json: &str) -> Result<TradeoffPoint> {
 }
 
 /// The shield trade-off chart across runs: x the top-1 on the shielded decodes (%; the target
-/// as dots joined across runs in the order given, each probe as its own series), y the
-/// shielded PSNR (dB).
+/// as one coloured marker per run, each probe as markers of its own colour at each run's
+/// PSNR), y the shielded PSNR (dB).
 pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Result<()> {
     use crate::plot::{LineChart, Series, PALETTE};
     let mut series: Vec<Series> = points
@@ -865,8 +865,8 @@ pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Resul
                 Some((*a, p.shielded_psnr))
             })
             .collect();
-        series.push(Series::new(
-            format!("{probe} (probe), runs in order"),
+        series.push(Series::markers(
+            format!("{probe} (probe), at each run's PSNR"),
             pts,
             PALETTE[(points.len() + k) % PALETTE.len()],
         ));

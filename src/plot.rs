@@ -38,15 +38,26 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Line and marker colour.
     pub color: Rgb<u8>,
+    /// Whether consecutive points are joined by a line (markers only otherwise).
+    pub joined: bool,
 }
 
 impl Series {
-    /// A series from its parts.
+    /// A series from its parts, its points joined in order.
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>, color: Rgb<u8>) -> Self {
         Series {
             name: name.into(),
             points,
             color,
+            joined: true,
+        }
+    }
+
+    /// A series of markers only (points that are not a curve, such as one per run).
+    pub fn markers(name: impl Into<String>, points: Vec<(f64, f64)>, color: Rgb<u8>) -> Self {
+        Series {
+            joined: false,
+            ..Self::new(name, points, color)
         }
     }
 }
@@ -524,10 +535,15 @@ fn draw_legend_row(cv: &mut Canvas, y: i64, entries: &[LegendEntry]) -> i64 {
 }
 
 /// Draws the legend in whichever inside corner of `area` covers the fewest of `occupied`
-/// pixels (the data), so it hides as little as possible.
-fn draw_legend(cv: &mut Canvas, area: Area, entries: &[LegendEntry], occupied: &[(i64, i64)]) {
+/// pixels (the data), so it hides as little as possible; returns how many it covers.
+fn draw_legend(
+    cv: &mut Canvas,
+    area: Area,
+    entries: &[LegendEntry],
+    occupied: &[(i64, i64)],
+) -> usize {
     if entries.is_empty() {
-        return;
+        return 0;
     }
     let s = label_scale(cv.img.width(), cv.img.height());
     let pad = 4 * s;
@@ -566,6 +582,7 @@ fn draw_legend(cv: &mut Canvas, area: Area, entries: &[LegendEntry], occupied: &
         let cy = y + pad + i as i64 * row_h + row_h / 2 - s;
         draw_entry(cv, x + pad, cy, e, s);
     }
+    covered(&(x, y))
 }
 
 /// Finite points only.
@@ -583,8 +600,30 @@ fn save(img: &RgbImage, path: &Path) -> Result<()> {
 impl LineChart {
     /// Draws the chart on a `width` x `height` white image. Never panics: empty series,
     /// single points and non-finite values (skipped; a NaN point breaks its line) all draw.
+    /// The legend goes in the inside corner that hides the fewest points, or in a row above
+    /// the plot when every corner would hide some.
     pub fn render(&self, width: u32, height: u32) -> RgbImage {
+        let (img, hidden) = self.render_with(width, height, false);
+        if hidden == 0 {
+            img
+        } else {
+            self.render_with(width, height, true).0
+        }
+    }
+
+    /// [`render`](Self::render) with the legend inside the plot (returning how many data
+    /// pixels it covers) or in a row above it (covering none).
+    fn render_with(&self, width: u32, height: u32, legend_row: bool) -> (RgbImage, usize) {
         let mut cv = Canvas::new(width, height);
+        let entries: Vec<LegendEntry> = self
+            .series
+            .iter()
+            .map(|se| LegendEntry {
+                name: &se.name,
+                color: se.color,
+                line: se.joined,
+            })
+            .collect();
         let s = label_scale(width, height);
         let pad = 4 * s;
         let (mut xmin, mut xmax, mut ymin, mut ymax) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -606,7 +645,7 @@ impl LineChart {
             &mut cv,
             &self.title,
             &self.y_label,
-            &[],
+            if legend_row { &entries } else { &[] },
             bottom_margin,
             |h| Axis::new(ymin, ymax, 0.05, (h / (20 * s + 20)).clamp(2, 10) as usize),
         );
@@ -635,7 +674,7 @@ impl LineChart {
                     x.map(vx, area.left, area.right),
                     y.map(vy, area.bottom, area.top),
                 );
-                if let Some(q) = prev {
+                if let Some(q) = prev.filter(|_| se.joined) {
                     cv.line(q, p, se.color, s + 1);
                     // Samples along the segment, for the legend placement.
                     for k in 0..=8 {
@@ -655,17 +694,12 @@ impl LineChart {
             }
         }
         cv.frame(area.left, area.top, area.right, area.bottom, BLACK);
-        let entries: Vec<LegendEntry> = self
-            .series
-            .iter()
-            .map(|se| LegendEntry {
-                name: &se.name,
-                color: se.color,
-                line: true,
-            })
-            .collect();
-        draw_legend(&mut cv, area, &entries, &occupied);
-        cv.img
+        let hidden = if legend_row {
+            0
+        } else {
+            draw_legend(&mut cv, area, &entries, &occupied)
+        };
+        (cv.img, hidden)
     }
 
     /// Renders the chart and writes it as a PNG (atomically).
@@ -878,6 +912,37 @@ mod tests {
             // The title at the top.
             assert!(dark_in(&img, 0, 0, w, h / 15) > 50);
         }
+    }
+
+    #[test]
+    fn legend_leaves_the_plot_when_every_corner_holds_data() {
+        let colour = Rgb([200, 30, 30]);
+        // A grid of markers covers the whole plot, every corner included.
+        let grid: Vec<(f64, f64)> = (0..121)
+            .map(|i| (f64::from(i % 11) / 10.0, f64::from(i / 11) / 10.0))
+            .collect();
+        let chart = |pts: Vec<(f64, f64)>| LineChart {
+            title: "t".into(),
+            series: vec![Series::markers(
+                "a rather long legend entry name",
+                pts,
+                colour,
+            )],
+            ..Default::default()
+        };
+        // Data everywhere: an inside legend would hide some, so it goes above the plot
+        // and every marker stays drawn.
+        let full = chart(grid);
+        let (inside, hidden) = full.render_with(600, 400, false);
+        assert!(hidden > 0);
+        let img = full.render(600, 400);
+        assert_ne!(img, inside);
+        let count = |img: &RgbImage| img.pixels().filter(|p| **p == colour).count();
+        assert!(count(&img) > count(&inside), "markers hidden by the legend");
+        // One corner free: the legend goes there, inside.
+        let free = chart(vec![(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]);
+        assert_eq!(free.render_with(600, 400, false).1, 0);
+        assert_eq!(free.render(600, 400), free.render_with(600, 400, false).0);
     }
 
     #[test]
