@@ -1139,6 +1139,20 @@ fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
+/// The command line as run, for a report (`psic`, then the arguments, those with spaces
+/// quoted).
+#[cfg(feature = "eval")]
+fn command_line() -> String {
+    std::iter::once("psic".to_string())
+        .chain(
+            std::env::args()
+                .skip(1)
+                .map(|s| if s.contains(' ') { format!("{s:?}") } else { s }),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `NAME=REPORT_DIR,..`: each report's name and the text of its `report.json`.
 #[cfg(feature = "eval")]
 fn read_reports(spec: &str) -> Result<Vec<(String, String)>> {
@@ -1162,8 +1176,7 @@ fn rd(a: RdArgs, ui: &Ui) -> Result<()> {
         .map(|(name, text)| rd_point(name, text))
         .collect::<Result<Vec<_>>>()?;
     let summary = rd_summary(points);
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
-    write_rd_report(&summary, &a.out, &a.title, &command)?;
+    write_rd_report(&summary, &a.out, &a.title, &command_line())?;
     for (i, p) in summary.points.iter().enumerate() {
         let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:+.2} dB"));
         println!(
@@ -1275,16 +1288,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         |done, total| bar.update(done, total, ""),
     )?;
     bar.break_line();
-    // The command line as run, for the report.
-    let command = std::iter::once("psic".to_string())
-        .chain(
-            std::env::args()
-                .skip(1)
-                .map(|s| if s.contains(' ') { format!("{s:?}") } else { s }),
-        )
-        .collect::<Vec<_>>()
-        .join(" ");
-    psic::eval::write_report(&report, &a.out, &a.title, &command)?;
+    psic::eval::write_report(&report, &a.out, &a.title, &command_line())?;
     let s = &report.summary;
     println!(
         "{} images: {:.4} bpp, full {:.2} dB{}{}; report in {}",

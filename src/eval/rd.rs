@@ -258,11 +258,20 @@ pub fn write_rd_report(
         .points
         .first()
         .map_or("JPEG".into(), |p| p.jpeg_flavor.clone());
-    psnr.push(Series::new(
-        flavor,
-        s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect(),
-        PALETTE[2],
-    ));
+    // The JPEG curve only as far as the codec's and the published points go (its high
+    // qualities would squeeze them into the left of the chart), plus one point beyond.
+    let reach = s
+        .points
+        .iter()
+        .map(|p| p.bpp)
+        .chain(COMPRESSAI_KODAK.iter().flat_map(|c| c.points.iter().map(|p| p.0)))
+        .fold(0.0, f64::max);
+    let mut jpeg: Vec<(f64, f64)> = s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect();
+    jpeg.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some(past) = jpeg.iter().position(|p| p.0 > reach) {
+        jpeg.truncate(past + 1);
+    }
+    psnr.push(Series::new(flavor, jpeg, PALETTE[2]));
     psnr.extend(published(1));
     psnr.retain(|series| !series.points.is_empty());
     LineChart {
