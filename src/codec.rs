@@ -49,24 +49,35 @@ struct Shield {
     conditions: Conditions,
     /// The shielded decode's triggers at `conditions.strength`, computed once.
     shielded: Triggers,
+    /// The full decode's triggers, computed once (without adaptive terms whose weights are
+    /// all zero, as an anchored generator's are).
+    full: Triggers,
 }
 
 impl Shield {
     fn new(generator: Box<dyn TriggerGenerator>, conditions: Conditions) -> Result<Self> {
         conditions.check()?;
-        let shielded = conditions.shielded_triggers(generator.as_ref())?;
+        let shielded = conditions
+            .shielded_triggers(generator.as_ref())?
+            .without_zero_adaptive()?;
+        let full = generator
+            .triggers(&conditions.full, 1)?
+            .without_zero_adaptive()?;
         Ok(Self {
             generator,
             conditions,
             shielded,
+            full,
         })
     }
 
-    /// Triggers for `condition`: the model's shielded condition decodes at the configured
-    /// strength, any other condition as the generator makes it.
+    /// Triggers for `condition`: the model's two conditions as computed once (the shielded
+    /// one at the configured strength), any other condition as the generator makes it.
     fn triggers(&self, condition: &Condition) -> Result<Triggers> {
         if *condition == self.conditions.shielded {
             Ok(self.shielded.clone())
+        } else if *condition == self.conditions.full {
+            Ok(self.full.clone())
         } else {
             self.generator.triggers(condition, 1)
         }

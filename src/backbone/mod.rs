@@ -171,6 +171,23 @@ impl Triggers {
         })
     }
 
+    /// These triggers without their adaptive terms if every weight of those is exactly zero
+    /// (as an anchored generator's are for the full condition): `x + 0·(K ∗ x)` is `x`, so the
+    /// convolutions need not run. Decided once, where the triggers are made.
+    pub fn without_zero_adaptive(mut self) -> Result<Self> {
+        if let Some(adaptive) = &self.adaptive {
+            let mut all_zero = true;
+            for t in adaptive {
+                let any = t.mix.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?;
+                all_zero &= any.to_scalar::<f32>()? == 0.0;
+            }
+            if all_zero && (self.bias.is_some() || self.scale.is_some()) {
+                self.adaptive = None;
+            }
+        }
+        Ok(self)
+    }
+
     /// Checks the triggers against a backbone's injection points and batch size.
     pub fn check(&self, points: &[usize], batch: usize) -> Result<()> {
         if self.bias.is_none() && self.scale.is_none() && self.adaptive.is_none() {

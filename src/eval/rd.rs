@@ -264,7 +264,11 @@ pub fn write_rd_report(
         .points
         .iter()
         .map(|p| p.bpp)
-        .chain(COMPRESSAI_KODAK.iter().flat_map(|c| c.points.iter().map(|p| p.0)))
+        .chain(
+            COMPRESSAI_KODAK
+                .iter()
+                .flat_map(|c| c.points.iter().map(|p| p.0)),
+        )
         .fold(0.0, f64::max);
     let mut jpeg: Vec<(f64, f64)> = s.jpeg.iter().map(|&(_, b, p)| (b, p)).collect();
     jpeg.sort_by(|a, b| a.0.total_cmp(&b.0));
