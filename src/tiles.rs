@@ -10,7 +10,8 @@
 //!   the padded image; each span starts on a latent row, i.e. a multiple of the total stride,
 //!   so every strided layer samples the same positions as on the whole image;
 //! - the synthesis `g_s` reads the span's latent rows and writes the core's image rows; its
-//!   triggers are per-channel biases, the same for every strip.
+//!   triggers are per-channel values, the same for every strip, except adaptive triggers'
+//!   convolutions, whose reach adds [`Triggers::halo_rows`] to the halo.
 //!
 //! Where the halo covers the transform's receptive field (a backbone states it:
 //! [`LicBackbone::analysis_halo`], [`LicBackbone::synthesis_halo`]), every core value is
@@ -162,7 +163,11 @@ fn synthesise_with(
         )));
     }
     let row_pixels = (stride * stride * cols) as u64;
-    for s in plan_strips(rows, row_pixels, b.synthesis_halo(), budget) {
+    // Adaptive triggers convolve inside the synthesis: their reach widens the halo.
+    let halo = b
+        .synthesis_halo()
+        .map(|h| h + triggers.map_or(0, Triggers::halo_rows));
+    for s in plan_strips(rows, row_pixels, halo, budget) {
         let first = s.core.start * stride;
         let count = (s.core.end * stride).min(h).saturating_sub(first);
         if count == 0 {

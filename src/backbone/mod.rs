@@ -171,6 +171,17 @@ impl Triggers {
         })
     }
 
+    /// Latent rows of context the adaptive terms add to a synthesis strip's halo (see
+    /// [`crate::tiles`]): `k / 2` per point for a `k`x`k` convolution, an upper bound, since
+    /// injection points run at the latent's resolution or finer. 0 without adaptive terms.
+    pub fn halo_rows(&self) -> usize {
+        self.adaptive.as_ref().map_or(0, |a| {
+            a.iter()
+                .map(|t| t.conv.weight().dims().get(2).copied().unwrap_or(1) / 2)
+                .sum()
+        })
+    }
+
     /// These triggers without their adaptive terms if every weight of those is exactly zero
     /// (as an anchored generator's are for the full condition): `x + 0·(K ∗ x)` is `x`, so the
     /// convolutions need not run. Decided once, where the triggers are made.
