@@ -57,17 +57,12 @@ struct Shield {
 impl Shield {
     fn new(generator: Box<dyn TriggerGenerator>, conditions: Conditions) -> Result<Self> {
         conditions.check()?;
-        let shielded = conditions
-            .shielded_triggers(generator.as_ref())?
-            .without_zero_adaptive()?;
-        let full = generator
-            .triggers(&conditions.full, 1)?
-            .without_zero_adaptive()?;
+        let (full, shielded) = conditions.decode_triggers(generator.as_ref())?;
         Ok(Self {
             generator,
             conditions,
-            shielded,
-            full,
+            shielded: shielded.without_zero_adaptive()?,
+            full: full.without_zero_adaptive()?,
         })
     }
 

@@ -585,13 +585,14 @@ pub fn comparison_grid(kept: &[(RgbImage, RgbImage, Option<RgbImage>)], tile: u3
     canvas
 }
 
+/// `v` with `digits` decimals, or a dash when absent (report tables).
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_string(), |v| format!("{v:.digits$}"))
+}
+
 /// The report as Markdown: what was measured, the aggregate table, the accuracy table.
 pub fn markdown(report: &Report, title: &str, command: &str) -> String {
     let s = &report.summary;
-    let opt = |v: Option<f64>, digits: usize| match v {
-        Some(v) => format!("{v:.digits$}"),
-        None => "–".to_string(),
-    };
     let mut md = format!(
         "# {title}\n\nMade by:\n\n```sh\n{command}\n```\n\n{} images. Bits per pixel from the real \
          bitstream sizes; PSNR over RGB (peak 255), MS-SSIM 5-scale (images of at least 161 px a \

@@ -115,16 +115,21 @@ impl Conditions {
         Ok(())
     }
 
-    /// The triggers of the shielded decode at this strength, for a batch of one:
-    /// `T_full + strength·(T_shielded − T_full)` (exactly `T_shielded` at strength 1).
-    pub fn shielded_triggers(&self, generator: &dyn TriggerGenerator) -> Result<Triggers> {
+    /// The triggers of the full and of the shielded decode, for a batch of one, each computed
+    /// once: `(T_full, T_full + strength·(T_shielded − T_full))` (the shielded ones exactly
+    /// `T_shielded` at strength 1).
+    pub fn decode_triggers(
+        &self,
+        generator: &dyn TriggerGenerator,
+    ) -> Result<(Triggers, Triggers)> {
+        let full = generator.triggers(&self.full, 1)?;
         let shielded = generator.triggers(&self.shielded, 1)?;
         if self.strength == 1.0 {
-            return Ok(shielded);
+            return Ok((full, shielded));
         }
-        let full = generator.triggers(&self.full, 1)?;
         let s = f64::from(self.strength);
-        shielded.zip_map(&full, |sh, f| f + ((sh - f)? * s)?)
+        let shielded = shielded.zip_map(&full, |sh, f| f + ((sh - f)? * s)?)?;
+        Ok((full, shielded))
     }
 }
 

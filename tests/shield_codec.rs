@@ -3,11 +3,21 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::*;
 use psic::bitstream::Bitstream;
 use psic::shield::Condition;
 use psic::{Codec, ModelFile, Precision};
+
+/// Both decodes of `img` by `codec` (its full and shielded conditions), before rounding.
+fn both_decodes(codec: &Codec, img: &image::RgbImage) -> (Vec<f32>, Vec<f32>) {
+    let bytes = codec.encode(img).unwrap();
+    let c = codec.conditions().unwrap();
+    let latent = codec.decode_latent(&bytes).unwrap();
+    let full = f32s(&codec.synthesize(&latent, &c.full).unwrap());
+    let shielded = f32s(&codec.synthesize(&latent, &c.shielded).unwrap());
+    (full, shielded)
+}
 
 #[test]
 fn official_psic_model_encodes_and_decodes_like_the_reference() {
@@ -120,15 +130,7 @@ fn modulated_generators_load_extend_and_start_where_the_model_was() {
     let plain = ModelFile::import(dir.join("hyperprior_128_192.safetensors"), None, &cpu).unwrap();
     let img = psic::image_io::load_image(dir.join("test768x512.png")).unwrap();
     let img = image::imageops::crop_imm(&img, 0, 0, 128, 128).to_image();
-    let decodes = |m: &ModelFile| {
-        let codec = Codec::from_model_file(m, &cpu).unwrap();
-        let bytes = codec.encode(&img).unwrap();
-        let c = codec.conditions().unwrap();
-        let latent = codec.decode_latent(&bytes).unwrap();
-        let full = f32s(&codec.synthesize(&latent, &c.full).unwrap());
-        let shielded = f32s(&codec.synthesize(&latent, &c.shielded).unwrap());
-        (full, shielded)
-    };
+    let decodes = |m: &ModelFile| both_decodes(&Codec::from_model_file(m, &cpu).unwrap(), &img);
     let bias = plain.with_new_cltg(7, &cpu).unwrap();
     let affine = bias.with_cltg_gains(&cpu).unwrap();
     let cfg = CltgConfig::infer_generic(&affine.tensors).unwrap().unwrap();
@@ -244,17 +246,24 @@ fn shield_strength_interpolates_the_triggers_and_travels_in_the_model_file() {
 fn adaptive_triggers_extend_a_generator_and_change_only_the_shielded_decode() {
     use psic::shield::{CltgConfig, Modulation};
     let cpu = Device::Cpu;
-    let model = psic::zoo::default_model(&cpu).unwrap();
+    // A bias generator (the shipped model's is adaptive already), on a tiny scale hyperprior.
+    let arch = psic::model::Architecture::ScaleHyperprior(psic::backbone::ScaleHyperpriorConfig {
+        n: 8,
+        m: 12,
+    });
+    let model = ModelFile::initialize(arch, 3, &cpu)
+        .unwrap()
+        .with_new_cltg(7, &cpu)
+        .unwrap();
+    assert_eq!(
+        CltgConfig::infer_generic(&model.tensors)
+            .unwrap()
+            .unwrap()
+            .modulation,
+        Modulation::Bias
+    );
     let img = test_image(64, 64);
-    let decodes = |m: &ModelFile| {
-        let codec = Codec::from_model_file(m, &cpu).unwrap();
-        let bytes = codec.encode(&img).unwrap();
-        let c = codec.conditions().unwrap();
-        let latent = codec.decode_latent(&bytes).unwrap();
-        let full = f32s(&codec.synthesize(&latent, &c.full).unwrap());
-        let shielded = f32s(&codec.synthesize(&latent, &c.shielded).unwrap());
-        (full, shielded)
-    };
+    let decodes = |m: &ModelFile| both_decodes(&Codec::from_model_file(m, &cpu).unwrap(), &img);
     let adaptive = model
         .with_cltg_modulation(Modulation::Adaptive, 5, &cpu)
         .unwrap();
@@ -281,7 +290,22 @@ fn adaptive_triggers_extend_a_generator_and_change_only_the_shielded_decode() {
     let mut moved = adaptive.clone();
     for i in 0..cfg.injection_points.len() {
         let name = format!("cltg.mix.{i}.weight");
-        let w = (moved.tensors[&name].ones_like().unwrap() * 0.01).unwrap();
+        // Weights of both signs (a constant row would weigh the two codes' difference by
+        // its sum, which can cancel).
+        let shape = moved.tensors[&name].dims().to_vec();
+        let n = shape.iter().product::<usize>() as u32;
+        let w = Tensor::arange(0u32, n, &cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .affine(0.37, 0.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(0.05, 0.0)
+            .unwrap()
+            .reshape(shape)
+            .unwrap();
         moved.tensors.insert(name, w);
     }
     let (full, shielded) = decodes(&moved);
@@ -298,10 +322,7 @@ fn adaptive_triggers_extend_a_generator_and_change_only_the_shielded_decode() {
         .unwrap()
         .with_shield_strength(0.0)
         .unwrap();
-    let bytes = codec.encode(&img).unwrap();
-    let latent = codec.decode_latent(&bytes).unwrap();
-    let c = codec.conditions().unwrap();
-    assert_eq!(f32s(&codec.synthesize(&latent, &c.shielded).unwrap()), full);
+    assert_eq!(both_decodes(&codec, &img).1, full);
 
     // No shrinking: adaptive -> affine would drop trained weights.
     let err = moved

@@ -1,6 +1,7 @@
 //! Rate-distortion curves across a model's quality levels: one `psic eval` report per level,
 //! charted against the libjpeg-equivalent JPEG curve and CompressAI's published Kodak curves.
 
+use super::opt;
 use crate::baseline::interpolate_psnr_at;
 use crate::{Error, Result};
 
@@ -168,10 +169,6 @@ pub fn rd_summary(points: Vec<RdPoint>) -> RdSummary {
     }
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or("—".into(), |v| format!("{v:.digits$}"))
-}
-
 /// The Markdown table of an [`RdSummary`].
 pub fn rd_markdown(s: &RdSummary, title: &str, command: &str) -> String {
     let flavor = s.points.first().map_or("JPEG", |p| p.jpeg_flavor.as_str());
@@ -189,7 +186,7 @@ pub fn rd_markdown(s: &RdSummary, title: &str, command: &str) -> String {
             opt(s.shielded_minus_full[i], 2),
             opt(p.ms_ssim_full, 4),
             opt(p.ms_ssim_shielded, 4),
-            p.shielded_top1.map_or("—".into(), |a| format!("{a:.1}%")),
+            p.shielded_top1.map_or("–".into(), |a| format!("{a:.1}%")),
         );
     }
     md += &format!(

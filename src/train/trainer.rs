@@ -346,6 +346,14 @@ fn default_noisy_weight() -> f64 {
 }
 
 impl TrainConfig {
+    /// Whether the analysis side (and the entropy models) stay frozen: stage 2, or stage 1
+    /// with `freeze_analysis`.
+    pub fn frozen_analysis(&self) -> bool {
+        self.stage == Stage::Privacy
+            || (self.stage == Stage::Joint
+                && self.shield.as_ref().is_some_and(|s| s.freeze_analysis))
+    }
+
     /// Learning rate at (1-based) step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         let passed = self.lr_milestones.iter().filter(|&&m| step > m).count();
@@ -637,10 +645,9 @@ impl Trainer {
                     model = prepare_generator(model, shield, cfg.seed ^ 0xc17)?;
                 }
                 let conditions = model.conditions()?;
-                let frozen = cfg.stage == Stage::Privacy
-                    || cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis);
                 // A trained analysis moves the latent the gains were fitted to: levels are only
                 // carried over when it is frozen (refit them with `psic rates` otherwise).
+                let frozen = cfg.frozen_analysis();
                 let rate_levels = model.rate_levels()?.filter(|_| frozen);
                 let mut t = Self::build(
                     cfg,
@@ -707,9 +714,7 @@ impl Trainer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let frozen_analysis = cfg.stage == Stage::Privacy
-            || (cfg.stage == Stage::Joint
-                && cfg.shield.as_ref().is_some_and(|s| s.freeze_analysis));
+        let frozen_analysis = cfg.frozen_analysis();
         let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if frozen_analysis {
             (
                 vec![],
@@ -837,7 +842,7 @@ impl Trainer {
             .sampler
             .next_annotated_batch(self.cfg.batch, &self.device)?;
         let b = x.dim(0)?;
-        let frozen_analysis = self.cfg.stage == Stage::Privacy || shield.freeze_analysis;
+        let frozen_analysis = self.cfg.frozen_analysis();
         let (y_tilde, bpp) = if frozen_analysis && shield.rounded_latents {
             super::rounded_latent(self.backbone.as_ref(), &x)?
         } else {
