@@ -405,12 +405,13 @@ fn linear_init(
     Ok(Linear::new(weight, bias))
 }
 
-/// A bias-free `Conv2d(c, c, ADAPTIVE_KERNEL, padding to keep the size)` at `prefix`.
+/// A bias-free `Conv2d(c, c, ADAPTIVE_KERNEL, padding to keep the size)` at `prefix`: psic's
+/// convolution, so frozen weights take the CPU inference op and trainable ones the training op.
 fn adaptive_conv(
     vb: &VarBuilder,
     prefix: &str,
     c: usize,
-) -> Result<std::sync::Arc<candle_nn::Conv2d>> {
+) -> Result<std::sync::Arc<crate::layers::Conv2d>> {
     let k = ADAPTIVE_KERNEL;
     let bound = 1.0 / ((c * k * k) as f64).sqrt();
     let init = Init::Uniform {
@@ -418,13 +419,9 @@ fn adaptive_conv(
         up: bound,
     };
     let weight = vb.pp(prefix).get_with_hints((c, c, k, k), "weight", init)?;
-    let cfg = candle_nn::Conv2dConfig {
-        padding: k / 2,
-        ..Default::default()
-    };
-    Ok(std::sync::Arc::new(candle_nn::Conv2d::new(
-        weight, None, cfg,
-    )))
+    Ok(std::sync::Arc::new(crate::layers::Conv2d::from_weights(
+        weight, None, 1,
+    )?))
 }
 
 /// Conditional latent trigger generation (PSIC's CLTG): Fourier embedding of `beta`, a two-layer
@@ -441,7 +438,7 @@ pub struct Cltg {
     projections: Vec<Linear>,
     scale_projections: Vec<Linear>,
     mix_projections: Vec<Linear>,
-    adaptive_convs: Vec<std::sync::Arc<candle_nn::Conv2d>>,
+    adaptive_convs: Vec<std::sync::Arc<crate::layers::Conv2d>>,
     device: Device,
     dtype: DType,
 }

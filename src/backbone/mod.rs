@@ -75,7 +75,7 @@ pub struct AdaptiveTrigger {
     /// Per-channel weight of the convolution's output.
     pub mix: Tensor,
     /// The convolution (shared by every condition of a generator).
-    pub conv: std::sync::Arc<candle_nn::Conv2d>,
+    pub conv: std::sync::Arc<crate::layers::Conv2d>,
 }
 
 impl Triggers {
@@ -225,9 +225,8 @@ impl Triggers {
         }
         for (i, (t, &c)) in self.adaptive.iter().flatten().zip(points).enumerate() {
             let (o, inp, kh, kw) = t.conv.weight().dims4()?;
-            let cfg = t.conv.config();
-            let pad = cfg.padding;
-            let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+            let pad = t.conv.padding();
+            let plain = t.conv.stride() == 1;
             if !plain || (o, inp) != (c, c) || kh != kw || kh % 2 == 0 || 2 * pad + 1 != kh {
                 return Err(Error::InvalidArgument(format!(
                     "adaptive trigger {i}: a {o}x{inp}x{kh}x{kw} convolution (padding {pad}) \

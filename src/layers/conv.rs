@@ -81,6 +81,56 @@ impl Conv2d {
         })
     }
 
+    /// A stride-`stride` convolution with padding `kernel / 2` from given weights (`[out, in,
+    /// k, k]`, `k` odd) and an optional bias (`[out]`; zeros when `None`), e.g. the bias-free
+    /// convolutions of content-adaptive triggers. Like [`new`](Self::new), frozen CPU weights
+    /// get the tiled inference op and trainable ones the training op, decided here once.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, stride: usize) -> Result<Self> {
+        let (out, _, k, k2) = weight.dims4()?;
+        if k != k2 || k % 2 == 0 || stride == 0 {
+            return Err(crate::Error::InvalidArgument(format!(
+                "convolution kernel {:?} with stride {stride}: expected a square odd kernel",
+                weight.dims()
+            )));
+        }
+        let bias = match bias {
+            Some(b) if b.dims() == [out] => b,
+            Some(b) => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "convolution bias {:?} for {out} output channels",
+                    b.dims()
+                )))
+            }
+            None => Tensor::zeros(out, weight.dtype(), weight.device())?,
+        };
+        let cpu = frozen_on_cpu(&weight)
+            .then(|| CpuConv::conv(&weight, &bias, stride, k / 2, Kernel::F32))
+            .transpose()?;
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding: k / 2,
+            cpu,
+            kernel: Kernel::F32,
+        })
+    }
+
+    /// The kernel, `[out, in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The stride.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The padding on each side (`k / 2`).
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
     /// Sets the precision of this layer's CPU products (inference and training); bf16 falls
     /// back to f32 on CPUs without AVX512-BF16. Rebuilds the inference plan of frozen weights.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
@@ -591,6 +641,34 @@ pub(super) mod tests {
             assert_eq!(ours.dims(), reference.dims(), "k={k} s={s}");
             assert!(max_diff(&ours, &reference) < 1e-5, "k={k} s={s}");
         }
+    }
+
+    #[test]
+    fn bias_free_convolution_from_weights() {
+        // Frozen weights: the CPU inference op; trainable ones: the training op, whose weight
+        // gradient must match candle's. A missing bias is zero; even kernels are refused.
+        let dev = Device::Cpu;
+        let wt = Tensor::randn(0f32, 0.3, (6, 6, 3, 3), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 11, 9), &dev).unwrap();
+        let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let frozen = Conv2d::from_weights(wt.clone(), None, 1).unwrap();
+        assert!(frozen.cpu.is_some() && frozen.padding() == 1 && frozen.stride() == 1);
+        assert!(max_diff(&frozen.forward(&x).unwrap(), &reference) < 1e-5);
+        let var = candle_core::Var::from_tensor(&wt).unwrap();
+        let trained = Conv2d::from_weights(var.as_tensor().clone(), None, 1).unwrap();
+        assert!(trained.cpu.is_none() && trained.is_trainable());
+        let y = trained.forward(&x).unwrap();
+        assert!(max_diff(&y, &reference) < 1e-5);
+        let ours = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let rv = candle_core::Var::from_tensor(&wt).unwrap();
+        let r = x.conv2d(rv.as_tensor(), 1, 1, 1, 1).unwrap();
+        let theirs = r.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (g, rg) = (ours.get(&var).unwrap(), theirs.get(&rv).unwrap());
+        assert!(max_diff(g, rg) < 1e-3 * (1.0 + max_diff(rg, &rg.zeros_like().unwrap())));
+        let even = Tensor::zeros((2, 2, 2, 2), DType::F32, &dev).unwrap();
+        assert!(Conv2d::from_weights(even, None, 1).is_err());
+        let bad_bias = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        assert!(Conv2d::from_weights(wt, Some(bad_bias), 1).is_err());
     }
 
     #[test]
