@@ -193,8 +193,9 @@ impl Codec {
     }
 
     /// Gives the codec quality levels (one gain per latent channel per level, [`crate::rate`]);
-    /// it then writes version-3 streams at [`level`](Self::level) (level 0 until
-    /// [`with_level`](Self::with_level) says otherwise) and decodes the streams of its levels.
+    /// it then writes version-3 streams at [`level`](Self::level) (the levels' default,
+    /// [`RateLevels::default_level`], until [`with_level`](Self::with_level) says otherwise) and
+    /// decodes the streams of its levels.
     pub fn with_rate_levels(mut self, levels: RateLevels) -> Result<Self> {
         let m = self.backbone.latent_channels();
         if levels.channels() != m {
@@ -204,8 +205,8 @@ impl Codec {
                 levels.channels()
             )));
         }
+        self.level = levels.default_level();
         self.levels = Some(levels);
-        self.level = 0;
         Ok(self)
     }
 

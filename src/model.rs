@@ -714,7 +714,7 @@ impl ModelFile {
     /// The model's quality levels (`rate.gains` and the `rate.levels` metadata); `None` for a
     /// model without levels (one implicit level, all gains 1).
     pub fn rate_levels(&self) -> Result<Option<crate::rate::RateLevels>> {
-        use crate::rate::{RateLevels, GAINS_TENSOR, LEVELS_METADATA, TENSOR_PREFIX};
+        use crate::rate::{RateLevels, GAINS_TENSOR, TENSOR_PREFIX};
         if let Some(k) = self
             .tensors
             .keys()
@@ -722,23 +722,22 @@ impl ModelFile {
         {
             return Err(Error::Model(format!("unknown quality-level tensor {k}")));
         }
-        RateLevels::from_model_parts(
-            self.tensors.get(GAINS_TENSOR),
-            self.extra_metadata.get(LEVELS_METADATA),
-        )
+        RateLevels::from_model_parts(self.tensors.get(GAINS_TENSOR), |k| {
+            self.extra_metadata.get(k).map(String::as_str)
+        })
     }
 
     /// This model with `levels` as its quality levels (replacing any it had); `None` removes
     /// them. The fingerprint does not change.
     pub fn with_rate_levels(&self, levels: Option<&crate::rate::RateLevels>) -> Result<Self> {
-        use crate::rate::{GAINS_TENSOR, LEVELS_METADATA};
+        use crate::rate::{DEFAULT_LEVEL_METADATA, GAINS_TENSOR, LEVELS_METADATA};
         let mut out = self.clone();
         out.tensors.remove(GAINS_TENSOR);
         out.extra_metadata.remove(LEVELS_METADATA);
+        out.extra_metadata.remove(DEFAULT_LEVEL_METADATA);
         if let Some(l) = levels {
             out.tensors.insert(GAINS_TENSOR.into(), l.gains_tensor()?);
-            out.extra_metadata
-                .insert(LEVELS_METADATA.into(), l.metadata_json());
+            out.extra_metadata.extend(l.metadata());
         }
         Ok(out)
     }

@@ -21,6 +21,9 @@ use crate::{Error, Result};
 pub const GAINS_TENSOR: &str = "rate.gains";
 /// Metadata key of the levels' descriptions ([`LevelInfo`] as a JSON array).
 pub const LEVELS_METADATA: &str = "rate.levels";
+/// Metadata key of the level a codec writes unless told otherwise (a decimal index; absent
+/// means level 0).
+pub const DEFAULT_LEVEL_METADATA: &str = "rate.default_level";
 /// Prefix of the tensors of the quality levels (left out of the model fingerprint: each
 /// stream is tied to its own level's gains instead, see [`RateLevels::check`]).
 pub const TENSOR_PREFIX: &str = "rate.";
@@ -51,6 +54,7 @@ pub struct LevelInfo {
 pub struct RateLevels {
     gains: Vec<Vec<f32>>,
     info: Vec<Option<LevelInfo>>,
+    default: usize,
 }
 
 /// The gains of one level applied to NCHW latent values: value `i` belongs to channel
@@ -140,18 +144,45 @@ impl RateLevels {
                 )))
             }
         };
-        Ok(Self { gains, info })
+        Ok(Self {
+            gains,
+            info,
+            default: 0,
+        })
     }
 
-    /// The levels of a model file's tensors and metadata; `None` without `rate.gains`.
-    pub fn from_model_parts(
+    /// These levels with `level` as the one a codec writes by default
+    /// ([`Error::UnknownLevel`] for a level they lack).
+    pub fn with_default_level(mut self, level: usize) -> Result<Self> {
+        if level >= self.len() {
+            return Err(Error::UnknownLevel {
+                level,
+                levels: self.len(),
+            });
+        }
+        self.default = level;
+        Ok(self)
+    }
+
+    /// The level a codec writes unless told otherwise (0 unless the model says).
+    pub fn default_level(&self) -> usize {
+        self.default
+    }
+
+    /// The levels of a model file's tensors and metadata (`rate.levels`,
+    /// `rate.default_level`); `None` without `rate.gains`.
+    /// `metadata` looks a metadata key up.
+    pub fn from_model_parts<'a>(
         gains: Option<&Tensor>,
-        metadata: Option<&String>,
+        metadata: impl Fn(&str) -> Option<&'a str>,
     ) -> Result<Option<Self>> {
         let Some(t) = gains else {
-            return match metadata {
-                Some(_) => Err(Error::Model(format!(
-                    "{LEVELS_METADATA} metadata without a {GAINS_TENSOR} tensor"
+            return match [LEVELS_METADATA, DEFAULT_LEVEL_METADATA]
+                .into_iter()
+                .find(|k| metadata(k).is_some())
+            {
+                Some(k) => Err(Error::Model(format!(
+                    "{k} metadata without a {GAINS_TENSOR} tensor"
                 ))),
                 None => Ok(None),
             };
@@ -161,12 +192,28 @@ impl RateLevels {
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()
             .map_err(|e| Error::Model(format!("{GAINS_TENSOR} must be [L, M]: {e}")))?;
-        let info = match metadata {
+        let info = match metadata(LEVELS_METADATA) {
             None => Vec::new(),
             Some(json) => serde_json::from_str::<Vec<Option<LevelInfo>>>(json)
                 .map_err(|e| Error::Model(format!("bad {LEVELS_METADATA} metadata: {e}")))?,
         };
-        Self::new(rows, info).map(Some)
+        let levels = Self::new(rows, info)?;
+        let Some(default) = metadata(DEFAULT_LEVEL_METADATA) else {
+            return Ok(Some(levels));
+        };
+        let n = levels.len();
+        default
+            .parse::<usize>()
+            .ok()
+            .filter(|&d| d < n)
+            .map(|d| levels.with_default_level(d))
+            .transpose()?
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "{DEFAULT_LEVEL_METADATA} is {default:?}, not a level below {n}"
+                ))
+            })
     }
 
     /// The `rate.gains` tensor, `[L, M]` f32 on the CPU.
@@ -176,9 +223,16 @@ impl RateLevels {
         Ok(Tensor::from_vec(flat, (self.len(), m), &Device::Cpu)?)
     }
 
-    /// The `rate.levels` metadata value.
-    pub fn metadata_json(&self) -> String {
-        serde_json::to_string(&self.info).unwrap_or_default()
+    /// The metadata entries that describe these levels (`rate.levels` and, for a default
+    /// other than level 0, `rate.default_level`); [`from_model_parts`](Self::from_model_parts)
+    /// reads them back.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        let info = serde_json::to_string(&self.info).unwrap_or_default();
+        let mut out = vec![(LEVELS_METADATA.to_string(), info)];
+        if self.default != 0 {
+            out.push((DEFAULT_LEVEL_METADATA.to_string(), self.default.to_string()));
+        }
+        out
     }
 
     /// Number of levels.
@@ -235,6 +289,7 @@ pub fn gains_check(gains: &[f32]) -> [u8; LEVEL_CHECK_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn unit_gains_change_nothing() {
@@ -271,13 +326,33 @@ mod tests {
         };
         let l =
             RateLevels::new(vec![vec![0.5, 1.0], vec![2.0, 3.0]], vec![None, Some(info)]).unwrap();
-        let back = RateLevels::from_model_parts(
-            Some(&l.gains_tensor().unwrap()),
-            Some(&l.metadata_json()),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(back, l);
+        let back = |l: &RateLevels| {
+            let meta: HashMap<String, String> = l.metadata().into_iter().collect();
+            RateLevels::from_model_parts(Some(&l.gains_tensor().unwrap()), |k| {
+                meta.get(k).map(String::as_str)
+            })
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(back(&l), l);
+        assert_eq!(l.default_level(), 0);
+        assert!(l.clone().with_default_level(2).is_err());
+        let l1 = l.clone().with_default_level(1).unwrap();
+        assert_eq!(back(&l1).default_level(), 1);
+        let bad = |v: &str| {
+            let meta = HashMap::from([(DEFAULT_LEVEL_METADATA.to_string(), v.to_string())]);
+            RateLevels::from_model_parts(Some(&l.gains_tensor().unwrap()), |k| {
+                meta.get(k).map(String::as_str)
+            })
+        };
+        assert!(matches!(bad("2"), Err(Error::Model(_))));
+        assert!(matches!(bad("-1"), Err(Error::Model(_))));
+        assert!(matches!(
+            bad("1").map(|l| l.unwrap().default_level()),
+            Ok(1)
+        ));
+        let orphan = HashMap::from([(DEFAULT_LEVEL_METADATA.to_string(), "0".to_string())]);
+        assert!(RateLevels::from_model_parts(None, |k| orphan.get(k).map(String::as_str)).is_err());
         assert_ne!(l.check(0), l.check(1));
         assert_eq!(l.check(2), None);
     }

@@ -135,6 +135,38 @@ fn level_round_trips_through_the_header_and_scales_the_latent() {
 }
 
 #[test]
+fn the_model_default_level_is_what_a_codec_writes() {
+    let _g = serial();
+    let img = test_image(64, 64);
+    let model = &tiny_models()[0];
+    let m = m_of(model);
+    let levels = RateLevels::new(vec![gains(m, 0.5), gains(m, 1.0), gains(m, 3.0)], vec![])
+        .unwrap()
+        .with_default_level(2)
+        .unwrap();
+    let levelled = model.with_rate_levels(Some(&levels)).unwrap();
+    let path = std::env::temp_dir().join(format!("psic-levels-{}.st", std::process::id()));
+    levelled.save(&path).unwrap();
+    let loaded = ModelFile::load(&path, &Device::Cpu).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(loaded.rate_levels().unwrap().unwrap().default_level(), 2);
+    let c = codec(&loaded);
+    assert_eq!(c.level(), 2);
+    let bytes = c.encode(&img).unwrap();
+    let header = Bitstream::from_bytes(&bytes).unwrap().level;
+    assert_eq!(header.map(|v| v.index), Some(2));
+    // An explicit level still wins, and a level the model lacks cannot be the default.
+    assert_eq!(c.with_level(0).unwrap().level(), 0);
+    assert!(matches!(
+        levels.with_default_level(3),
+        Err(Error::UnknownLevel {
+            level: 3,
+            levels: 3
+        })
+    ));
+}
+
+#[test]
 fn missing_levels_and_other_gains_are_typed_errors() {
     let _g = serial();
     let img = test_image(64, 64);

@@ -214,6 +214,10 @@ struct ExportArgs {
     /// fingerprint and streams stay the same).
     #[arg(long, value_name = "S")]
     strength: Option<f32>,
+    /// Record this quality level as the one the codec writes by default (the model must have
+    /// it; weights, fingerprint and streams stay the same).
+    #[arg(long, value_name = "N")]
+    default_level: Option<usize>,
 }
 
 /// Time encode, decode and the rANS coder (median, min and max).
@@ -428,6 +432,9 @@ struct RatesArgs {
     /// Seed of the crops and the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The level the codec writes by default (e.g. the one at the model's own λ).
+    #[arg(long, default_value_t = 0)]
+    default_level: usize,
     /// The model file to write (with the levels).
     #[arg(short, long)]
     out: PathBuf,
@@ -888,6 +895,12 @@ fn rates(a: RatesArgs, ui: &Ui) -> Result<()> {
         }
         None => default_model_file(&device)?,
     };
+    if a.default_level >= a.lambdas.len() {
+        return Err(psic::Error::UnknownLevel {
+            level: a.default_level,
+            levels: a.lambdas.len(),
+        });
+    }
     let mut sampler = training_crops(&a.data, a.eval_percent, a.crop, a.seed ^ 0x5eed)?;
     let cfg = RateFitConfig {
         lambdas: a.lambdas.clone(),
@@ -914,6 +927,7 @@ fn rates(a: RatesArgs, ui: &Ui) -> Result<()> {
         bar.update(step + 1, cfg.steps, &format!("; {}", line.join(" | ")));
     })?;
     bar.break_line();
+    let levels = levels.with_default_level(a.default_level)?;
     let out = model.with_rate_levels(Some(&levels))?;
     out.save(&a.out)?;
     for (i, lambda) in a.lambdas.iter().enumerate() {
@@ -1125,6 +1139,12 @@ fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
     };
     if let Some(s) = a.strength {
         model = model.with_shield_strength(s)?;
+    }
+    if let Some(level) = a.default_level {
+        let levels = model
+            .rate_levels()?
+            .ok_or(psic::Error::UnknownLevel { level, levels: 1 })?;
+        model = model.with_rate_levels(Some(&levels.with_default_level(level)?))?;
     }
     model.save(&a.output)?;
     let strength = model

@@ -17,7 +17,7 @@ use super::{rd_loss, RdForward};
 use crate::backbone::LicBackbone;
 use crate::init::SplitMix64;
 use crate::model::{Architecture, ModelFile};
-use crate::rate::{RateLevels, GAINS_TENSOR, LEVELS_METADATA};
+use crate::rate::{RateLevels, GAINS_TENSOR};
 use crate::shield::{
     AnchoredGenerator, Cltg, CltgConfig, Condition, Conditions, Modulation, TriggerGenerator,
 };
@@ -1147,7 +1147,7 @@ impl Trainer {
             ),
         ]);
         if let Some(levels) = &self.rate_levels {
-            meta.insert(LEVELS_METADATA.into(), levels.metadata_json());
+            meta.extend(levels.metadata());
         }
         let bytes =
             safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
@@ -1207,8 +1207,9 @@ impl Trainer {
             t.conditions = serde_json::from_str(c)
                 .map_err(|e| Error::Model(format!("{}: bad conditions: {e}", path.display())))?;
         }
-        t.rate_levels =
-            RateLevels::from_model_parts(tensors.get(GAINS_TENSOR), info.get(LEVELS_METADATA))?;
+        t.rate_levels = RateLevels::from_model_parts(tensors.get(GAINS_TENSOR), |k| {
+            info.get(k).map(String::as_str)
+        })?;
         t.main.load_state(&tensors, "adam.main")?;
         t.aux.load_state(&tensors, "adam.aux")?;
         let rng = tensors
