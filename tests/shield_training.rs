@@ -470,3 +470,54 @@ fn frozen_runs_keep_quality_levels_and_train_on_rounded_latents() {
     assert_eq!(open.export().unwrap().rate_levels().unwrap(), None);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `train_levels` trains every crop at a level drawn from the run's generator (resume stays
+/// exact), the default level changes what a frozen run's validation decodes, and the option is
+/// refused without levels or without rounded latents.
+#[test]
+fn train_levels_samples_quality_levels_and_is_checked() {
+    let (dir, plain) = colour_folder("train-levels");
+    let dev = Device::Cpu;
+    let model = psic::ModelFile::load(&plain, &dev).unwrap();
+    let levels = psic::rate::RateLevels::new(vec![vec![0.25; 12], vec![4.0; 12]], vec![])
+        .unwrap()
+        .with_default_level(1)
+        .unwrap();
+    let with_levels = dir.join("levels.safetensors");
+    let model_levels = model.with_rate_levels(Some(&levels)).unwrap();
+    model_levels.save(&with_levels).unwrap();
+    let base = "freeze_analysis = true\nrounded_latents = true";
+    let run = "steps = 4\nlr = 1e-3\nseed = 4";
+    let target = || Some(Box::new(ColourTarget(dev.clone())) as Box<dyn SemanticTarget>);
+    let make = |init: &Path, shield: &str| {
+        Trainer::with_target(colour_stage1(&dir, init, run, shield), &dev, target())
+    };
+    let sampled = format!("{base}\ntrain_levels = true");
+    let mut t = make(&with_levels, &sampled).unwrap();
+    assert!(t.step().unwrap().loss.is_finite());
+    let ckpt = dir.join("ckpt.safetensors");
+    t.save_checkpoint(&ckpt).unwrap();
+    let next = t.step().unwrap();
+    let mut resumed = Trainer::resume_with_target(&ckpt, &dev, |_| {}, target()).unwrap();
+    assert_eq!(
+        resumed.export().unwrap().rate_levels().unwrap(),
+        Some(levels.clone())
+    );
+    assert_eq!(next.loss.to_bits(), resumed.step().unwrap().loss.to_bits());
+
+    // Without train_levels every crop is at the default level: a coarser default costs bits.
+    let coarse = model
+        .with_rate_levels(Some(&levels.clone().with_default_level(0).unwrap()))
+        .unwrap();
+    let coarse_path = dir.join("coarse.safetensors");
+    coarse.save(&coarse_path).unwrap();
+    let bpp = |init: &Path| make(init, base).unwrap().step().unwrap().bpp;
+    let (fine, rough) = (bpp(&with_levels), bpp(&coarse_path));
+    assert!(fine > 2.0 * rough, "{fine} vs {rough} bpp");
+
+    let err = make(&plain, &sampled).unwrap_err();
+    assert!(err.to_string().contains("no quality levels"), "{err}");
+    let err = make(&with_levels, "freeze_analysis = true\ntrain_levels = true").unwrap_err();
+    assert!(err.to_string().contains("rounded_latents"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

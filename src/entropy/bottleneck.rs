@@ -173,6 +173,20 @@ impl EntropyBottleneck {
         self.dequantize(&symbols, z.dims4()?)
     }
 
+    /// `round(z − median) + median` as tensor operations on the current `quantiles` (trainable
+    /// or not, any device): what [`quantize`](Self::quantize) gives, up to exact ties, for a
+    /// training graph whose quantiles may have moved since construction.
+    pub fn round_to_medians(&self, z: &Tensor) -> Result<Tensor> {
+        let (_, c, _, _) = z.dims4()?;
+        self.check_channels(c)?;
+        let med = self
+            .quantiles
+            .narrow(2, 1, 1)?
+            .reshape((1, c, 1, 1))?
+            .to_dtype(z.dtype())?;
+        Ok(z.broadcast_sub(&med)?.round()?.broadcast_add(&med)?)
+    }
+
     /// The integer symbols `round(z - median)` in NCHW order.
     pub fn symbols(&self, z: &Tensor) -> Result<Vec<i32>> {
         let (_, c, h, w) = z.dims4()?;

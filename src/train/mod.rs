@@ -66,26 +66,50 @@ pub fn rd_forward(
     Ok(RdForward { x_hat, bpp, mse })
 }
 
-/// The latent the decoder sees, `y_hat = round(y − μ) + μ` (μ = 0 without means), detached,
-/// and the estimated bits per pixel of `y_hat` and `z_hat = round(z)`: what a [`crate::Codec`]
-/// decodes, for validation and for training the synthesis alone (see
+/// The latent the decoder sees, detached, and the estimated bits per pixel of its symbols and
+/// of `z_hat = round(z − median) + median`: what a [`crate::Codec`] decodes, for validation and
+/// for training the synthesis alone (see
 /// [`ShieldConfig::rounded_latents`](crate::train::ShieldConfig::rounded_latents)).
-pub fn rounded_latent(backbone: &dyn LicBackbone, x: &Tensor) -> Result<(Tensor, Tensor)> {
+///
+/// At a quality level with channel gains `g` (`[B or 1, M]`, [`crate::rate`]) the symbols are
+/// `round((y − μ)·g)` under the Gaussian of scale `σ·g`, and `y_hat = symbols / g + μ`; without
+/// gains (`g = 1`), `y_hat = round(y − μ) + μ` (μ = 0 without means).
+pub fn rounded_latent(
+    backbone: &dyn LicBackbone,
+    x: &Tensor,
+    gains: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (b, _, h, w) = x.dims4()?;
     let y = backbone.analysis(x)?.detach();
-    let z_hat = backbone.hyper_analysis(&y)?.round()?.detach();
+    let eb = backbone.entropy_bottleneck();
+    let z_hat = eb.round_to_medians(&backbone.hyper_analysis(&y)?)?.detach();
     let params = backbone.hyper_synthesis(&z_hat)?;
+    let centred = match &params.means {
+        Some(mu) => (&y - mu)?,
+        None => y,
+    };
+    let (symbols, scales, centred_hat) = match gains {
+        Some(g) => {
+            let (gb, m) = g.dims2()?;
+            let g = g.reshape((gb, m, 1, 1))?.to_dtype(centred.dtype())?;
+            let s = centred.broadcast_mul(&g)?.round()?;
+            let c = s.broadcast_div(&g)?;
+            (s, params.scales.broadcast_mul(&g)?, c)
+        }
+        None => {
+            let s = centred.round()?;
+            (s.clone(), params.scales.clone(), s)
+        }
+    };
     let y_hat = match &params.means {
-        Some(mu) => ((&y - mu)?.round()? + mu)?,
-        None => y.round()?,
+        Some(mu) => (centred_hat + mu)?,
+        None => centred_hat,
     }
     .detach();
-    let y_lik = backbone.gaussian_conditional().likelihood(
-        &y_hat,
-        &params.scales,
-        params.means.as_ref(),
-    )?;
-    let z_lik = backbone.entropy_bottleneck().likelihood(&z_hat)?;
+    let y_lik = backbone
+        .gaussian_conditional()
+        .likelihood(&symbols, &scales, None)?;
+    let z_lik = eb.likelihood(&z_hat)?;
     let bpp = bits_per_pixel(&y_lik, &z_lik, b * h * w)?.detach();
     Ok((y_hat, bpp))
 }
@@ -137,6 +161,49 @@ mod tests {
     use crate::backbone::{ScaleHyperprior, ScaleHyperpriorConfig};
     use candle_core::DType;
     use candle_nn::Optimizer;
+
+    #[test]
+    fn rounded_latents_follow_each_crops_level_gains() {
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, 3, DType::F32, &dev);
+        let model = ScaleHyperprior::new(vb, &ScaleHyperpriorConfig { n: 8, m: 12 }).unwrap();
+        let mut rng = SplitMix64::new(9);
+        let x = (uniform_noise(&[2, 3, 64, 64], &mut rng, &dev).unwrap() + 0.5).unwrap();
+        let (plain, bpp_plain) = rounded_latent(&model, &x, None).unwrap();
+        let y = model.analysis(&x).unwrap();
+        let diff = (&plain - y.round().unwrap()).unwrap().abs().unwrap();
+        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // Crop 0 at gains 1, crop 1 at gains 4: its latent moves in steps of 1/4.
+        let g = Tensor::from_vec([vec![1f32; 12], vec![4f32; 12]].concat(), (2, 12), &dev).unwrap();
+        let (levelled, bpp) = rounded_latent(&model, &x, Some(&g)).unwrap();
+        let first = (levelled.get(0).unwrap() - plain.get(0).unwrap()).unwrap();
+        assert_eq!(
+            first
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        for v in levelled
+            .get(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+        {
+            assert_eq!((v * 4.0).fract(), 0.0, "{v}");
+        }
+        let (a, b) = (
+            bpp_plain.to_scalar::<f32>().unwrap(),
+            bpp.to_scalar::<f32>().unwrap(),
+        );
+        assert!(b > a, "finer steps cost more bits: {b} vs {a}");
+    }
 
     #[test]
     fn one_adam_step_lowers_the_loss_on_a_fixed_batch() {

@@ -256,6 +256,12 @@ pub struct ShieldConfig {
     /// ones (a run measured 18–21% shielded top-1 on its batches against 48% at validation).
     #[serde(default)]
     pub rounded_latents: bool,
+    /// With `rounded_latents` and an `init` model that has quality levels ([`crate::rate`]):
+    /// each crop of a batch is quantised at a level drawn uniformly, so the synthesis and the
+    /// shield learn every level (false, the default: every crop at the model's default level,
+    /// the one a codec writes). Validation always runs at the default level.
+    #[serde(default)]
+    pub train_levels: bool,
     /// Replace the `init` model's generator by a fresh, seeded one (of `modulation`).
     #[serde(default)]
     pub fresh_generator: bool,
@@ -457,6 +463,15 @@ impl TrainConfig {
                 ));
             }
         }
+        if let Some(s) = self.shield.as_ref().filter(|s| s.train_levels) {
+            if !(s.rounded_latents && self.frozen_analysis()) {
+                return bad(
+                    "[shield] train_levels needs rounded_latents and a frozen analysis \
+                     (stage 2 or freeze_analysis)"
+                        .into(),
+                );
+            }
+        }
         if self.stage == Stage::Pretrain && self.init.is_none() && (self.n == 0 || self.m == 0) {
             return bad("a fresh stage-0 run needs n and m".into());
         }
@@ -649,6 +664,13 @@ impl Trainer {
                 // carried over when it is frozen (refit them with `psic rates` otherwise).
                 let frozen = cfg.frozen_analysis();
                 let rate_levels = model.rate_levels()?.filter(|_| frozen);
+                if cfg.shield.as_ref().is_some_and(|s| s.train_levels) && rate_levels.is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "[shield] train_levels: {} has no quality levels (fit them with \
+                         `psic rates`)",
+                        path.display()
+                    )));
+                }
                 let mut t = Self::build(
                     cfg,
                     model.architecture.clone(),
@@ -844,7 +866,9 @@ impl Trainer {
         let b = x.dim(0)?;
         let frozen_analysis = self.cfg.frozen_analysis();
         let (y_tilde, bpp) = if frozen_analysis && shield.rounded_latents {
-            super::rounded_latent(self.backbone.as_ref(), &x)?
+            let levels = self.pick_levels(b, shield.train_levels);
+            let gains = self.level_gains(&levels)?;
+            super::rounded_latent(self.backbone.as_ref(), &x, gains.as_ref())?
         } else {
             let (y, bpp) = super::noisy_latent(self.backbone.as_ref(), &x, &mut self.noise)?;
             // A frozen analysis side: keep backward out of it.
@@ -1038,6 +1062,42 @@ impl Trainer {
         })
     }
 
+    /// The quality level of each of `b` crops: drawn uniformly from the run's generator when
+    /// `sample`, else the default level (all 0 for a model without levels).
+    fn pick_levels(&mut self, b: usize, sample: bool) -> Vec<usize> {
+        let (n, default) = self
+            .rate_levels
+            .as_ref()
+            .map_or((1, 0), |l| (l.len(), l.default_level()));
+        (0..b)
+            .map(|_| {
+                if sample {
+                    (self.noise.next_u64() % n as u64) as usize
+                } else {
+                    default
+                }
+            })
+            .collect()
+    }
+
+    /// The channel gains of crops at `levels` (`[B, M]`); `None` without quality levels (all
+    /// gains 1).
+    fn level_gains(&self, levels: &[usize]) -> Result<Option<Tensor>> {
+        let Some(rate) = &self.rate_levels else {
+            return Ok(None);
+        };
+        let mut flat = Vec::with_capacity(levels.len() * rate.channels());
+        for &l in levels {
+            let g = rate.gains(l).ok_or(Error::UnknownLevel {
+                level: l,
+                levels: rate.len(),
+            })?;
+            flat.extend_from_slice(g);
+        }
+        let shape = (levels.len(), rate.channels());
+        Ok(Some(Tensor::from_vec(flat, shape, &self.device)?))
+    }
+
     /// Validation on the fixed evaluation crops (`None` when validation is off): real rounding
     /// of the latents, both decodes, target top-1 where labels and a target exist. Also returns
     /// a grid (rows: original, full, shielded) of up to four of the images.
@@ -1047,7 +1107,12 @@ impl Trainer {
         };
         let b = x.dim(0)?;
         let bb = self.backbone.as_ref();
-        let (y_hat, bpp) = super::rounded_latent(bb, x)?;
+        let default = self
+            .rate_levels
+            .as_ref()
+            .map_or(0, RateLevels::default_level);
+        let gains = self.level_gains(&vec![default; b])?;
+        let (y_hat, bpp) = super::rounded_latent(bb, x, gains.as_ref())?;
         let decode = |c: Option<&Condition>| -> Result<Tensor> {
             let t = match (c, &self.generator) {
                 (Some(c), Some(g)) => Some(g.triggers(c, b)?),
