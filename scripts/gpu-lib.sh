@@ -40,7 +40,8 @@ export_init() {
 }
 
 # train_run NAME MINUTES: trains configs/NAME.toml into runs/NAME (resumed when a checkpoint is
-# there) for MINUTES, keeping one progress line in 50 (export_init first).
+# there) for MINUTES, keeping one progress line in 4 (they come every 15 s off a terminal;
+# export_init first).
 train_run() {
   local name=$1 minutes=$2 dir="runs/$1" cfg args
   export_init "$name"
@@ -52,7 +53,7 @@ train_run() {
   fi
   stamp "$name: $minutes min"
   "$bin" train "${args[@]}" --out "$dir" --device "$device" --max-minutes "$minutes" 2>&1 \
-    | tr '\r' '\n' | awk '/^train \[/ { if (++n % 50) next } { print; fflush() }'
+    | tr '\r' '\n' | awk '/^train: / { if (++n % 4) next } { print; fflush() }'
   local rc=${PIPESTATUS[0]}
   stamp "$name exited with $rc"
   tail -n 2 "$dir/log.jsonl" || true
