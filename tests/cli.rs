@@ -691,11 +691,46 @@ fn rates_adds_levels_and_encode_q_picks_one() {
         "1",
         "--crop",
         "64",
+        "--default-level",
+        "1",
         "--out",
         &p("lv.safetensors"),
     ];
     let o = run(&bin, &args);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The model's levels and default, and a stream written without -q at the default.
+    let o = run(&bin, &["info", "-m", &p("lv.safetensors")]);
+    let info = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(info.contains("quality levels: 2 (default 1)"), "{info}");
+    assert!(info.contains("level 1: lambda 0.1"), "{info}");
+    let plain = ["encode", "-m", &p("lv.safetensors"), "-i", &p("in.png")];
+    let o = run(&bin, &[&plain[..], &["-o", &p("d.psic")]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&bin, &["info", "-i", &p("d.psic")]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v3, level 1"));
+    // export --from-model moves the default; a level the model lacks is an error.
+    let export = ["export", "--from-model", "-i", &p("lv.safetensors"), "-o"];
+    let o = run(
+        &bin,
+        &[
+            &export[..],
+            &[&p("lv0.safetensors"), "--default-level", "0"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&bin, &["info", "-m", &p("lv0.safetensors")]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(default 0)"));
+    let o = run(
+        &bin,
+        &[
+            &export[..],
+            &[&p("lv5.safetensors"), "--default-level", "5"],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!dir.join("lv5.safetensors").exists());
     for q in ["0", "1"] {
         let out = p(&format!("q{q}.psic"));
         let enc = [

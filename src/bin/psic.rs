@@ -79,9 +79,20 @@ const TARGET_KINDS: [&str; 2] = ["efficientnet-lite", "clip"];
 #[derive(Debug, clap::Args)]
 struct LevelOpt {
     /// The quality level, 0..L for a model with L levels (`psic rates` adds levels; a model
-    /// without levels has level 0 only). The decoder reads it from the stream.
-    #[arg(short = 'q', long = "level", default_value_t = 0)]
-    level: usize,
+    /// without levels has level 0 only; default: the model's default level, `psic info -m`).
+    /// The decoder reads it from the stream.
+    #[arg(short = 'q', long = "level")]
+    level: Option<usize>,
+}
+
+impl LevelOpt {
+    /// The codec at the level asked for (unchanged, at its model's default, without one).
+    fn apply(&self, codec: Codec) -> Result<Codec> {
+        match self.level {
+            Some(level) => codec.with_level(level),
+            None => Ok(codec),
+        }
+    }
 }
 
 /// The device option of every command that runs a model.
@@ -170,12 +181,18 @@ struct DecodeArgs {
     device: DeviceOpt,
 }
 
-/// Print a stream's header.
+/// Print a stream's header, or what a model file holds.
+///
+/// With -i, the stream's header; with -m, or with neither, the model's architecture,
+/// fingerprint, shield and quality levels (default: the embedded default model).
 #[derive(Debug, clap::Args)]
 struct InfoArgs {
     /// The stream; `-` reads it from standard input.
+    #[arg(short, long, conflicts_with = "model")]
+    input: Option<PathBuf>,
+    /// A psic model file.
     #[arg(short, long)]
-    input: PathBuf,
+    model: Option<PathBuf>,
 }
 
 /// Import a CompressAI or official PSIC checkpoint as a psic model file.
@@ -339,9 +356,8 @@ struct EvalArgs {
     /// The JPEG baseline's encoder.
     #[arg(short = 'J', long, value_enum, default_value_t = JpegFlavorArg::Libjpeg420)]
     jpeg_flavor: JpegFlavorArg,
-    /// The quality level the codec encodes at.
-    #[arg(long, default_value_t = 0)]
-    level: usize,
+    #[command(flatten)]
+    level: LevelOpt,
     #[command(flatten)]
     strength: StrengthOpt,
     #[command(flatten)]
@@ -745,7 +761,7 @@ fn shield(a: ShieldArgs, ui: &Ui) -> Result<()> {
     }
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level.level)?;
+    let codec = a.level.apply(load_codec(a.model.as_deref(), &device)?)?;
     let load_s = t.elapsed().as_secs_f64();
     let conditions = codec.conditions().ok_or_else(|| {
         Error::InvalidArgument("this model has no shield (no trigger generator)".into())
@@ -796,7 +812,7 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
     check_binary_stdout(&a.output)?;
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = load_codec(a.model.as_deref(), &device)?.with_level(a.level.level)?;
+    let codec = a.level.apply(load_codec(a.model.as_deref(), &device)?)?;
     let load_s = t.elapsed().as_secs_f64();
     let img = if is_std(&a.input) {
         let limit = image_file_limit(codec.max_pixels());
@@ -863,7 +879,14 @@ fn decode(a: DecodeArgs, ui: &Ui) -> Result<()> {
 }
 
 fn info(a: InfoArgs) -> Result<()> {
-    let bytes = read_input(&a.input, psic::bitstream::MAX_STREAM_LEN)?;
+    let Some(input) = &a.input else {
+        let model = match &a.model {
+            Some(path) => ModelFile::load(path, &Device::Cpu)?,
+            None => default_model_file(&Device::Cpu)?,
+        };
+        return model_info(&model);
+    };
+    let bytes = read_input(input, psic::bitstream::MAX_STREAM_LEN)?;
     let s = Bitstream::from_bytes(&bytes)?;
     println!(
         "psic stream v{}{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
@@ -881,6 +904,46 @@ fn info(a: InfoArgs) -> Result<()> {
         s.strings.iter().map(Vec::len).collect::<Vec<_>>(),
         bpp(bytes.len(), s.width, s.height)
     );
+    Ok(())
+}
+
+/// `psic info -m MODEL`: architecture, fingerprint, shield and quality levels, one per line.
+fn model_info(model: &ModelFile) -> Result<()> {
+    println!(
+        "psic model: {} {}, fingerprint {}",
+        model.architecture.name(),
+        model.architecture.config_json(),
+        fingerprint_hex(&model.fingerprint()?)
+    );
+    match model.conditions()? {
+        Some(c) => println!(
+            "shield: full decode beta {}, shielded beta {}, strength {}",
+            c.full.beta(),
+            c.shielded.beta(),
+            c.strength
+        ),
+        None => println!("shield: none (a plain codec)"),
+    }
+    let Some(levels) = model.rate_levels()? else {
+        println!("quality levels: 1 (no rate.gains)");
+        return Ok(());
+    };
+    println!(
+        "quality levels: {} (default {})",
+        levels.len(),
+        levels.default_level()
+    );
+    for l in 0..levels.len() {
+        let info = levels.info(l);
+        let measured = info
+            .and_then(|i| Some((i.kodak_bpp?, i.kodak_psnr?)))
+            .map(|(b, p)| format!(", Kodak {b:.4} bpp {p:.2} dB"))
+            .unwrap_or_default();
+        println!(
+            "  level {l}: lambda {}{measured}",
+            info.map_or("?".to_string(), |i| i.lambda.to_string())
+        );
+    }
     Ok(())
 }
 
@@ -1245,7 +1308,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
     };
     let codec = a
         .strength
-        .apply(load_codec(a.model.as_deref(), &device)?.with_level(a.level)?)?;
+        .apply(a.level.apply(load_codec(a.model.as_deref(), &device)?)?)?;
     let target = match (&a.target, &a.weights) {
         (Some(t), Some(w)) => Some(psic::targets::load_target(&t.as_str().into(), w, &device)?),
         _ => None,
