@@ -145,6 +145,12 @@ pub struct Summary {
     pub periodic_shielded: Option<f64>,
     /// Per probe model, top-1 per version (labels, or the probe's reading of the originals).
     pub probe_top1: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+    /// The evaluated model's fingerprint (hex).
+    pub model: String,
+    /// The quality level the images were coded at.
+    pub level: usize,
+    /// The shield strength of the shielded decodes (`None` for a plain codec).
+    pub shield_strength: Option<f32>,
 }
 
 /// A finished evaluation.
@@ -386,8 +392,13 @@ pub fn evaluate_with_probes(
         progress(i + 1, images.len());
     }
     let labelled = images.iter().all(|i| i.label.is_some()) || !rows.is_empty();
-    report.summary = summarize(&report.images, labelled);
-    report.summary.jpeg_flavor = cfg.jpeg_flavor.name().to_string();
+    report.summary = Summary {
+        jpeg_flavor: cfg.jpeg_flavor.name().to_string(),
+        model: crate::bitstream::fingerprint_hex(codec.fingerprint()),
+        level: codec.level(),
+        shield_strength: conditions.map(|c| c.strength),
+        ..summarize(&report.images, labelled)
+    };
     for (version, scores) in rows {
         report
             .summary
@@ -599,6 +610,16 @@ pub fn markdown(report: &Report, title: &str, command: &str) -> String {
          side).\n\n",
         s.images
     );
+    if !s.model.is_empty() {
+        let strength = s
+            .shield_strength
+            .map(|v| format!(", shield strength {v}"))
+            .unwrap_or_default();
+        md += &format!(
+            "Model {}, quality level {}{strength}.\n\n",
+            s.model, s.level
+        );
+    }
     md += "| | bpp | PSNR (dB) | MS-SSIM | encode (s) | decode (s) |\n| --- | --- | --- | --- | --- | --- |\n";
     md += &format!(
         "| full decode | {:.4} | {:.2} | {} | {:.2} | {:.2} |\n",

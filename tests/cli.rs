@@ -731,6 +731,40 @@ fn rates_adds_levels_and_encode_q_picks_one() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(!dir.join("lv5.safetensors").exists());
+    // A level's measured figures come from an eval report of that model at that level.
+    if cfg!(feature = "eval") {
+        let export_to = |out: &str, flag: &str, value: &str| {
+            run(&bin, &[&export[..], &[&p(out), flag, value]].concat())
+        };
+        let eval = [
+            "eval",
+            "-m",
+            &p("lv.safetensors"),
+            "--data",
+            &data_arg,
+            "-q",
+            "1",
+        ];
+        let opts = ["--jpeg", "none", "--no-purify", "--out", &p("report")];
+        let o = run(&bin, &[&eval[..], &opts[..]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = export_to(
+            "lvr.safetensors",
+            "--level-reports",
+            &format!("1={}", p("report")),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run(&bin, &["info", "-m", &p("lvr.safetensors")]);
+        let info = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(info.contains("level 1: lambda 0.1, Kodak "), "{info}");
+        let o = export_to(
+            "lvx.safetensors",
+            "--level-reports",
+            &format!("0={}", p("report")),
+        );
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("at level 1, not"), "{}", stderr(&o));
+    }
     for q in ["0", "1"] {
         let out = p(&format!("q{q}.psic"));
         let enc = [

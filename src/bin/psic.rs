@@ -235,6 +235,11 @@ struct ExportArgs {
     /// it; weights, fingerprint and streams stay the same).
     #[arg(long, value_name = "N")]
     default_level: Option<usize>,
+    /// Record each level's measured Kodak bits per pixel and full-decode PSNR from the report of
+    /// `psic eval -q N` on ../shared/data/kodak: `N=REPORT_DIR,...` (the report must be of
+    /// this model, fingerprint and level; `psic info -m` shows the figures).
+    #[arg(long, value_name = "N=DIR,..")]
+    level_reports: Option<String>,
 }
 
 /// Time encode, decode and the rANS coder (median, min and max).
@@ -1209,6 +1214,9 @@ fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
             .ok_or(psic::Error::UnknownLevel { level, levels: 1 })?;
         model = model.with_rate_levels(Some(&levels.with_default_level(level)?))?;
     }
+    if let Some(spec) = &a.level_reports {
+        model = with_level_reports(model, spec)?;
+    }
     model.save(&a.output)?;
     let strength = model
         .conditions()?
@@ -1220,6 +1228,48 @@ fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
         strength.unwrap_or_default()
     ));
     Ok(())
+}
+
+/// `model` with each listed level's Kodak figures taken from its `eval` report, which must be of
+/// this model (fingerprint) at that level.
+#[cfg(feature = "train")]
+fn with_level_reports(model: ModelFile, spec: &str) -> Result<ModelFile> {
+    let mut levels = model.rate_levels()?.ok_or_else(|| {
+        Error::InvalidArgument("--level-reports: the model has no quality levels".into())
+    })?;
+    let fingerprint = fingerprint_hex(&model.fingerprint()?);
+    for (name, text) in read_reports(spec)? {
+        let bad = |why: String| Error::InvalidArgument(format!("--level-reports {name}: {why}"));
+        let level: usize = name
+            .parse()
+            .map_err(|_| bad("the name must be the level's index".into()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a report: {e}")))?;
+        let s = &v["summary"];
+        let same_model = s["model"].as_str() == Some(fingerprint.as_str());
+        if !same_model || s["level"].as_u64() != Some(level as u64) {
+            return Err(bad(format!(
+                "the report is of model {} at level {}, not {fingerprint} at level {level}",
+                s["model"], s["level"]
+            )));
+        }
+        let (Some(bpp), Some(psnr)) = (s["bpp"].as_f64(), s["psnr_full"].as_f64()) else {
+            return Err(bad("the report has no bpp or psnr_full".into()));
+        };
+        let lambda = levels
+            .info(level)
+            .map(|i| i.lambda)
+            .ok_or_else(|| bad("the model has no such level, or it has no λ".into()))?;
+        levels.set_info(
+            level,
+            psic::rate::LevelInfo {
+                lambda,
+                kodak_bpp: Some(bpp),
+                kodak_psnr: Some(psnr),
+            },
+        );
+    }
+    model.with_rate_levels(Some(&levels))
 }
 
 /// The command line as run, for a report (`psic`, then the arguments, those with spaces
@@ -1237,7 +1287,7 @@ fn command_line() -> String {
 }
 
 /// `NAME=REPORT_DIR,..`: each report's name and the text of its `report.json`.
-#[cfg(feature = "eval")]
+#[cfg(any(feature = "eval", feature = "train"))]
 fn read_reports(spec: &str) -> Result<Vec<(String, String)>> {
     spec.split(',')
         .map(|item| {
