@@ -339,6 +339,16 @@ fn jpeg_output_and_stdin_stdout_pipes() {
     assert_eq!(from_pipe, image::open(p("x.png")).unwrap().to_rgb8());
     let o = piped(&["info", "-i", "-"], std::fs::read(p("s.psic")).unwrap());
     assert!(String::from_utf8_lossy(&o.stdout).contains("70x45"));
+    // A reader that closes the pipe early (`psic info -m M | head -0`): a quiet success, no panic.
+    let mut child = Command::new(&bin)
+        .args(["info", "-m", &model])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psic");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
     // Garbage on stdin: a one-line error, exit code 1.
     let o = piped(
         &["decode", "-m", &model, "-i", "-", "-o", "-"],

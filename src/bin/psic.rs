@@ -30,6 +30,16 @@ use psic::image_io::{
 use psic::shield::Condition;
 use psic::{Codec, DeviceKind, Error, ModelFile, Result};
 
+/// `println!` for the CLI's reports: a closed stdout (`psic info | head -1`) ends the process
+/// quietly with success, as other command-line tools do, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
 // Large tensor buffers get transparent huge pages (psic::alloc::HugePages): fewer page faults.
 #[global_allocator]
 static ALLOC: psic::alloc::HugePages = psic::alloc::HugePages;
@@ -508,7 +518,7 @@ impl Ui {
         } else if self.stdout_is_data {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            outln!("{line}");
         }
     }
 
@@ -893,7 +903,7 @@ fn info(a: InfoArgs) -> Result<()> {
     };
     let bytes = read_input(input, psic::bitstream::MAX_STREAM_LEN)?;
     let s = Bitstream::from_bytes(&bytes)?;
-    println!(
+    outln!(
         "psic stream v{}{}: {}x{} (+{}x{} padding), model {}, y {:?}, z {:?}, strings {:?} bytes, {:.4} bpp",
         s.version(),
         s.level
@@ -914,26 +924,26 @@ fn info(a: InfoArgs) -> Result<()> {
 
 /// `psic info -m MODEL`: architecture, fingerprint, shield and quality levels, one per line.
 fn model_info(model: &ModelFile) -> Result<()> {
-    println!(
+    outln!(
         "psic model: {} {}, fingerprint {}",
         model.architecture.name(),
         model.architecture.config_json(),
         fingerprint_hex(&model.fingerprint()?)
     );
     match model.conditions()? {
-        Some(c) => println!(
+        Some(c) => outln!(
             "shield: full decode beta {}, shielded beta {}, strength {}",
             c.full.beta(),
             c.shielded.beta(),
             c.strength
         ),
-        None => println!("shield: none (a plain codec)"),
+        None => outln!("shield: none (a plain codec)"),
     }
     let Some(levels) = model.rate_levels()? else {
-        println!("quality levels: 1 (no rate.gains)");
+        outln!("quality levels: 1 (no rate.gains)");
         return Ok(());
     };
-    println!(
+    outln!(
         "quality levels: {} (default {})",
         levels.len(),
         levels.default_level()
@@ -944,7 +954,7 @@ fn model_info(model: &ModelFile) -> Result<()> {
             .and_then(|i| Some((i.kodak_bpp?, i.kodak_psnr?)))
             .map(|(b, p)| format!(", Kodak {b:.4} bpp {p:.2} dB"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "  level {l}: lambda {}{measured}",
             info.map_or("?".to_string(), |i| i.lambda.to_string())
         );
@@ -1312,7 +1322,7 @@ fn rd(a: RdArgs, ui: &Ui) -> Result<()> {
     write_rd_report(&summary, &a.out, &a.title, &command_line())?;
     for (i, p) in summary.points.iter().enumerate() {
         let fmt = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:+.2} dB"));
-        println!(
+        outln!(
             "{}: {:.4} bpp, full {:.2} dB ({} vs JPEG), shielded {} of full",
             p.name,
             p.bpp,
@@ -1339,9 +1349,12 @@ fn tradeoff(a: TradeoffArgs, ui: &Ui) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     psic::eval::tradeoff_chart(&points, &a.out)?;
     for p in &points {
-        println!(
+        outln!(
             "{}: shielded top-1 {:.1}% (probes {:?}), shielded PSNR {:.2} dB",
-            p.name, p.shielded_top1, p.probe_top1, p.shielded_psnr
+            p.name,
+            p.shielded_top1,
+            p.probe_top1,
+            p.shielded_psnr
         );
     }
     ui.status(format_args!("chart in {}", a.out.display()));
@@ -1423,7 +1436,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
     bar.break_line();
     psic::eval::write_report(&report, &a.out, &a.title, &command_line())?;
     let s = &report.summary;
-    println!(
+    outln!(
         "{} images: {:.4} bpp, full {:.2} dB{}{}; report in {}",
         s.images,
         s.bpp,
@@ -1437,22 +1450,22 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         a.out.display()
     );
     for (v, acc) in &s.top1 {
-        println!("top-1 {v}: {:.1}%", 100.0 * acc);
+        outln!("top-1 {v}: {:.1}%", 100.0 * acc);
     }
     for (probe, accs) in &s.probe_top1 {
         for (v, acc) in accs {
-            println!("{probe} top-1 {v}: {:.1}%", 100.0 * acc);
+            outln!("{probe} top-1 {v}: {:.1}%", 100.0 * acc);
         }
     }
     if let (Some(f), Some(sh)) = (s.periodic_full, s.periodic_shielded) {
-        println!("periodic share: full {f:.3}, shielded {sh:.3}");
+        outln!("periodic share: full {f:.3}, shielded {sh:.3}");
     }
     Ok(())
 }
 
 fn psnr(a: PsnrArgs) -> Result<()> {
     let (x, y) = (load_image(&a.a)?, load_image(&a.b)?);
-    println!("{:.3} dB", psic::metrics::psnr(&x, &y)?);
+    outln!("{:.3} dB", psic::metrics::psnr(&x, &y)?);
     Ok(())
 }
 
@@ -1488,16 +1501,16 @@ fn bench(a: BenchArgs) -> Result<()> {
     let image_path = a.input.unwrap_or_else(|| fixture.join("test768x512.png"));
     let img = load_image(&image_path)?;
     let bytes = codec.encode(&img)?;
-    println!(
+    outln!(
         "| {}x{} {} {} | median | min | max |",
         img.width(),
         img.height(),
         codec.backbone().architecture(),
         codec.backbone().config_json()
     );
-    println!("| --- | --- | --- | --- |");
+    outln!("| --- | --- | --- | --- |");
     let row = |name: &str, (m, lo, hi): (f64, f64, f64), unit: &str, scale: f64| {
-        println!(
+        outln!(
             "| {name} | {:.3} {unit} | {:.3} | {:.3} |",
             m * scale,
             lo * scale,
@@ -1535,10 +1548,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             .map(|_| ())
     })?;
     let (m, lo, hi) = per_sym(enc);
-    println!("| rANS encode ({n} y symbols) | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
+    outln!("| rANS encode ({n} y symbols) | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
     let (m, lo, hi) = per_sym(dec);
-    println!("| rANS decode | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
-    println!("(min/max of the rates come from the max/min of the times)");
+    outln!("| rANS decode | {m:.0} M symbols/s | {lo:.0} | {hi:.0} |");
+    outln!("(min/max of the rates come from the max/min of the times)");
     Ok(())
 }
 
@@ -1575,6 +1588,16 @@ fn run(cli: Cli) -> Result<()> {
         #[cfg(feature = "train")]
         Command::Rates(a) => rates(a, &ui),
     }
+}
+
+/// A write to stdout failed: a closed pipe ends the process quietly (its reader has all it
+/// wanted); any other failure is reported and ends it with an error.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
 }
 
 fn main() -> ExitCode {
