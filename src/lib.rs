@@ -24,7 +24,7 @@
 //!
 //! | feature | what it adds | extra dependencies |
 //! | --- | --- | --- |
-//! | `default-model` | the embedded default model ([`zoo`], 7.4 MB in the binary) | – |
+//! | `default-model` | the embedded default model ([`zoo`], 8.6 MB in the binary) | – |
 //! | `train` | `train`, `data`, the EfficientNet-Lite target | `toml` |
 //! | `eval` | `eval`, `baseline`, `plot`, `data` | `jpeg-encoder` |
 //! | `clip` | the CLIP target, its BPE tokenizer and text repair | `candle-transformers`, `regex`, `flate2`, `unicode-normalization-alignments` |

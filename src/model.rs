@@ -37,7 +37,7 @@ pub const MODEL_FORMAT: &str = "psic-model";
 /// Version of the model-file layout this build writes and reads.
 pub const MODEL_VERSION: &str = "1";
 
-/// Largest model file (or checkpoint) psic reads: 1 GiB. The shipped default model is 7.4 MB and
+/// Largest model file (or checkpoint) psic reads: 1 GiB. The shipped default model is 8.6 MB and
 /// CompressAI's largest hyperprior checkpoints are under 100 MB; a longer file is refused with
 /// [`Error::InputTooLarge`] after reading at most this much.
 pub const MAX_MODEL_FILE_LEN: u64 = 1 << 30;

@@ -13,7 +13,7 @@ use crate::Result;
 
 /// Distinct series colours (matplotlib's "tab10" order), for callers without a preference;
 /// [`BarChart`] colours its series with them.
-pub const PALETTE: [Rgb<u8>; 8] = [
+pub const PALETTE: [Rgb<u8>; 10] = [
     Rgb([31, 119, 180]),
     Rgb([255, 127, 14]),
     Rgb([44, 160, 44]),
@@ -22,6 +22,8 @@ pub const PALETTE: [Rgb<u8>; 8] = [
     Rgb([140, 86, 75]),
     Rgb([227, 119, 194]),
     Rgb([127, 127, 127]),
+    Rgb([188, 189, 34]),
+    Rgb([23, 190, 207]),
 ];
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);

@@ -385,3 +385,53 @@ fn fitting_moves_gains_with_lambda() {
     };
     assert!(len(0) < len(1));
 }
+
+/// The shipped default model carries its quality levels (issue 18): at least three, ordered by
+/// λ, its default level neither end, and on a Kodak crop each higher level spends more bytes for
+/// a better full decode; every stream names its level and decodes both ways.
+#[cfg(feature = "default-model")]
+#[test]
+fn the_default_model_has_ordered_quality_levels() {
+    let _g = serial();
+    let dev = Device::Cpu;
+    let model = psic::zoo::default_model(&dev).unwrap();
+    let levels = model
+        .rate_levels()
+        .unwrap()
+        .expect("the default model has quality levels");
+    assert!(levels.len() >= 3, "{} levels", levels.len());
+    let d = levels.default_level();
+    assert!(d > 0 && d + 1 < levels.len(), "default level {d}");
+    let img = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/kodim23.png"))
+        .unwrap()
+        .to_rgb8();
+    let img = image::imageops::crop_imm(&img, 256, 128, 256, 256).to_image();
+    let codec = Codec::from_model_file(&model, &dev).unwrap();
+    assert_eq!(codec.level(), d);
+    let full = codec.conditions().expect("a shielded model").full;
+    let mut last: Option<(usize, f64, f64)> = None;
+    for level in 0..levels.len() {
+        let lambda = levels.info(level).map(|i| i.lambda);
+        let c = Codec::from_model_file(&model, &dev)
+            .unwrap()
+            .with_level(level)
+            .unwrap();
+        let bytes = c.encode(&img).unwrap();
+        let header = Bitstream::from_bytes(&bytes).unwrap().level;
+        assert_eq!(header.map(|v| usize::from(v.index)), Some(level));
+        let psnr = psic::metrics::psnr(&img, &codec.decode_full(&bytes, &full).unwrap()).unwrap();
+        let shielded = codec.decode_shielded(&bytes).unwrap();
+        assert_eq!(shielded.dimensions(), img.dimensions());
+        let lambda = lambda.expect("each level names its lambda");
+        if let Some((n, p, l)) = last {
+            assert!(lambda > l, "level {level}: lambda {lambda} after {l}");
+            assert!(
+                bytes.len() > n,
+                "level {level}: {} bytes after {n}",
+                bytes.len()
+            );
+            assert!(psnr > p, "level {level}: {psnr:.2} dB after {p:.2}");
+        }
+        last = Some((bytes.len(), psnr, lambda));
+    }
+}
