@@ -243,6 +243,12 @@ pub struct ShieldConfig {
     /// The budget of [`ShieldConfig::lambda_gap`], in dB of PSNR (default 1.5).
     #[serde(default = "default_max_psnr_gap")]
     pub max_psnr_gap: f64,
+    /// Hold the budget of [`ShieldConfig::lambda_gap`] on each crop, not on the batch's mean
+    /// MSEs (false, the default, as runs before it): the hinge is then the mean over the crops
+    /// of each crop's excess, so no crop — no quality level with `train_levels`, no hard photo
+    /// — may lie further under its full decode because others lie closer.
+    #[serde(default)]
+    pub gap_per_crop: bool,
     /// What the generator's triggers are ([`Modulation`]: `bias`, PSIC's; `scale`, per-channel
     /// gains; `affine`, both). Absent: the `init` model's generator as it is (a new one is
     /// `bias`). `affine` on a `bias` generator adds zero-initialised gains, so training starts
@@ -471,6 +477,13 @@ impl TrainConfig {
                         .into(),
                 );
             }
+        }
+        if self
+            .shield
+            .as_ref()
+            .is_some_and(|s| s.gap_per_crop && s.lambda_gap <= 0.0)
+        {
+            return bad("[shield] gap_per_crop needs a gap budget (lambda_gap > 0)".into());
         }
         if self.stage == Stage::Pretrain && self.init.is_none() && (self.n == 0 || self.m == 0) {
             return bad("a fresh stage-0 run needs n and m".into());
@@ -995,7 +1008,16 @@ impl Trainer {
             None
         };
         if shield.lambda_gap > 0.0 {
-            let excess = gap_excess(&mse_sh, &mse_full, shield.max_psnr_gap)?;
+            let excess = if shield.gap_per_crop {
+                let per_crop = |d: Tensor| d.sqr()?.flatten_from(1)?.mean(1);
+                gap_excess(
+                    &per_crop((&x_sh - &x)?)?,
+                    &per_crop((&x_full - &x)?)?,
+                    shield.max_psnr_gap,
+                )?
+            } else {
+                gap_excess(&mse_sh, &mse_full, shield.max_psnr_gap)?
+            };
             loss = (loss + (excess * (0.5 * 255.0 * 255.0 * shield.lambda_gap))?)?;
         }
         let feature = if use_features && !f_orig.is_empty() {
@@ -1476,7 +1498,7 @@ pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
 /// decode (whose MSE is held fixed): `max(0, mse_sh − mse_full·10^(max_gap_db/10))`.
 fn gap_excess(mse_sh: &Tensor, mse_full: &Tensor, max_gap_db: f64) -> Result<Tensor> {
     let allowed = (mse_full.detach() * 10f64.powf(max_gap_db / 10.0))?;
-    Ok((mse_sh - allowed)?.relu()?)
+    Ok((mse_sh - allowed)?.relu()?.mean_all()?)
 }
 
 #[cfg(test)]
@@ -1576,6 +1598,10 @@ mod tests {
                 ),
                 "max_blur_sigma",
             ),
+            (
+                ("lambda_shield = 0.3", "lambda_shield = 0.3\ngap_per_crop = true"),
+                "gap_per_crop",
+            ),
         ] {
             // A value outside a closed set fails to parse; the others fail the check.
             let err = match toml::from_str::<TrainConfig>(&base.replacen(edit.0, edit.1, 1)) {
@@ -1636,5 +1662,25 @@ mod tests {
             // The full decode's MSE is the reference, not something the budget pushes on.
             assert!(grads.get(full.as_tensor()).is_none());
         }
+    }
+
+    #[test]
+    fn a_per_crop_budget_charges_the_crop_over_it_even_when_the_mean_is_under() {
+        let dev = Device::Cpu;
+        let full = Tensor::new(&[0.01f32, 0.01], &dev).unwrap();
+        // Crop 0 is 1.76 dB under its full decode, crop 1 exactly at it: their mean MSE is
+        // under a 1.5 dB budget, crop 0 alone is not.
+        let sh = candle_core::Var::new(&[0.015f32, 0.01], &dev).unwrap();
+        let mean = |t: &Tensor| t.mean_all().unwrap();
+        let batch = gap_excess(&mean(sh.as_tensor()), &mean(&full), 1.5).unwrap();
+        assert_eq!(batch.to_scalar::<f32>().unwrap(), 0.0);
+        let e = gap_excess(sh.as_tensor(), &full, 1.5).unwrap();
+        let want = (0.015 - 0.01 * 10f64.powf(0.15)) / 2.0;
+        let got = e.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+        // Only the crop over its budget gets a gradient, of 1/B.
+        let grads = e.backward().unwrap();
+        let d = grads.get(sh.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(d, vec![0.5, 0.0]);
     }
 }
