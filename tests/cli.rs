@@ -478,6 +478,26 @@ fn shield_with_the_default_model_writes_stream_and_both_decodes() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(image::open(dir.join("f.png")).unwrap().to_rgb8(), full);
+    // Its status lines going nowhere (`psic shield ... | head -0`) do not cut the job short.
+    let later = dir.join("later");
+    std::fs::create_dir_all(&later).unwrap();
+    let mut child = std::process::Command::new(&bin)
+        .args(["shield", &input.to_string_lossy(), "--full", "--out-dir"])
+        .arg(&later)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psic");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["photo.psic", "photo.shielded.png", "photo.full.png"] {
+        assert!(later.join(name).exists(), "{name} missing");
+    }
+    assert_eq!(
+        image::open(later.join("photo.full.png")).unwrap().to_rgb8(),
+        full
+    );
     // Missing input: one-line error, nothing written.
     let o = run(
         &bin,

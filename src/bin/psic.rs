@@ -518,7 +518,8 @@ impl Ui {
         } else if self.stdout_is_data {
             eprintln!("{line}");
         } else {
-            outln!("{line}");
+            // Progress, not a result: a reader gone from stdout must not end the job half done.
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
     }
 

@@ -1495,7 +1495,8 @@ pub fn grid(rows: &[Tensor]) -> Result<RgbImage> {
 }
 
 /// The part of the shielded decode's MSE above the budget `max_gap_db` dB of PSNR under the full
-/// decode (whose MSE is held fixed): `max(0, mse_sh − mse_full·10^(max_gap_db/10))`.
+/// decode (whose MSE is held fixed): `max(0, mse_sh − mse_full·10^(max_gap_db/10))`, averaged
+/// when the MSEs are per crop (`[B]`; scalars give the batch's hinge).
 fn gap_excess(mse_sh: &Tensor, mse_full: &Tensor, max_gap_db: f64) -> Result<Tensor> {
     let allowed = (mse_full.detach() * 10f64.powf(max_gap_db / 10.0))?;
     Ok((mse_sh - allowed)?.relu()?.mean_all()?)
