@@ -560,6 +560,32 @@ pub fn load_images(
         .collect()
 }
 
+/// The photos resized by `factor` (triangle filter, each side rounded and at least 1 pixel):
+/// evaluates the same photos at another size, e.g. Kodak at half size, where a classifier sees
+/// them without the downsizing its preprocessing applies to full-size photos. `factor` must be
+/// in (0, 4].
+pub fn rescale_images(images: Vec<EvalImage>, factor: f64) -> Result<Vec<EvalImage>> {
+    if !(factor > 0.0 && factor <= 4.0) {
+        return Err(crate::Error::InvalidArgument(format!(
+            "the scale factor must be in (0, 4], got {factor}"
+        )));
+    }
+    let side = |v: u32| ((v as f64 * factor).round() as u32).max(1);
+    Ok(images
+        .into_iter()
+        .map(|im| {
+            let (w, h) = im.image.dimensions();
+            let image = image::imageops::resize(
+                &im.image,
+                side(w),
+                side(h),
+                image::imageops::FilterType::Triangle,
+            );
+            EvalImage { image, ..im }
+        })
+        .collect())
+}
+
 /// Side by side, per kept image: original | full | shielded, each scaled to `tile` pixels wide,
 /// 4 white pixels between tiles.
 pub fn comparison_grid(kept: &[(RgbImage, RgbImage, Option<RgbImage>)], tile: u32) -> RgbImage {
@@ -905,6 +931,25 @@ pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rescaling_resizes_each_photo_and_keeps_its_label() {
+        let im = |w, h| EvalImage {
+            name: "a.png".into(),
+            image: RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])),
+            label: Some(3),
+            caption: None,
+        };
+        let out = rescale_images(vec![im(768, 512), im(3, 1)], 0.5).unwrap();
+        assert_eq!(out[0].image.dimensions(), (384, 256));
+        assert_eq!(out[1].image.dimensions(), (2, 1));
+        assert_eq!((out[0].label, out[0].name.as_str()), (Some(3), "a.png"));
+        // A flat colour stays that colour.
+        assert_eq!(out[0].image.get_pixel(10, 10)[2], 7);
+        for bad in [0.0, -1.0, 4.5, f64::NAN] {
+            assert!(rescale_images(vec![im(8, 8)], bad).is_err(), "{bad}");
+        }
+    }
 
     fn result(label: usize, full: usize, shielded: usize, bpp: f64) -> ImageResult {
         ImageResult {

@@ -521,3 +521,42 @@ fn train_levels_samples_quality_levels_and_is_checked() {
     assert!(err.to_string().contains("rounded_latents"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `upscale_probability`: batches enlarged before coding (the target then downsizes the
+/// decodes, as it does a full-size photo) train, take other steps than the same run without
+/// enlarging, resume bit-identically, and a limit that leaves no larger side is refused.
+#[test]
+fn upscaled_batches_train_and_resume_exactly() {
+    let (dir, plain) = colour_folder("upscale");
+    let dev = Device::Cpu;
+    let run = "steps = 4\nlr = 1e-3\nseed = 9";
+    let target = || Some(Box::new(ColourTarget(dev.clone())) as Box<dyn SemanticTarget>);
+    let shield = "freeze_analysis = true\nupscale_probability = 1.0\nmax_upscale = 2.0";
+    let mut t =
+        Trainer::with_target(colour_stage1(&dir, &plain, run, shield), &dev, target()).unwrap();
+    let first = t.step().unwrap();
+    assert!(first.loss.is_finite() && first.bpp > 0.0);
+    let ckpt = dir.join("ckpt.safetensors");
+    t.save_checkpoint(&ckpt).unwrap();
+    let next = t.step().unwrap();
+    let mut resumed = Trainer::resume_with_target(&ckpt, &dev, |_| {}, target()).unwrap();
+    assert_eq!(next.loss.to_bits(), resumed.step().unwrap().loss.to_bits());
+    // The same run without enlarging takes other steps.
+    let mut plain_run = Trainer::with_target(
+        colour_stage1(&dir, &plain, run, "freeze_analysis = true"),
+        &dev,
+        target(),
+    )
+    .unwrap();
+    assert_ne!(
+        plain_run.step().unwrap().loss.to_bits(),
+        first.loss.to_bits()
+    );
+    let bad = "freeze_analysis = true\nupscale_probability = 1.0\nmax_upscale = 1.5";
+    let Err(err) = Trainer::with_target(colour_stage1(&dir, &plain, run, bad), &dev, target())
+    else {
+        panic!("no multiple of 64 lies between 64 and 96 pixels");
+    };
+    assert!(err.to_string().contains("max_upscale"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

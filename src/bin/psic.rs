@@ -371,6 +371,10 @@ struct EvalArgs {
     /// The JPEG baseline's encoder.
     #[arg(short = 'J', long, value_enum, default_value_t = JpegFlavorArg::Libjpeg420)]
     jpeg_flavor: JpegFlavorArg,
+    /// Resize every photo by this factor before coding it (triangle filter; in (0, 4]): the
+    /// same photos at another size, e.g. 0.5 for Kodak at 384x256.
+    #[arg(long)]
+    scale: Option<f64>,
     #[command(flatten)]
     level: LevelOpt,
     #[command(flatten)]
@@ -1424,7 +1428,10 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
                 .collect::<Result<_>>()?
         };
     }
-    let images = load_images(&a.data, part, a.limit)?;
+    let mut images = load_images(&a.data, part, a.limit)?;
+    if let Some(f) = a.scale {
+        images = psic::eval::rescale_images(images, f)?;
+    }
     let mut bar = ui.progress("eval");
     let report = psic::eval::evaluate_with_probes(
         &codec,

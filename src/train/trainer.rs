@@ -249,6 +249,18 @@ pub struct ShieldConfig {
     /// — may lie further under its full decode because others lie closer.
     #[serde(default)]
     pub gap_per_crop: bool,
+    /// Probability that a batch's crops are enlarged before they are coded (0, the default:
+    /// never; runs without it draw nothing for it, so they resume exactly). The side is drawn
+    /// uniformly among the multiples of 64 pixels above `crop` up to `max_upscale`·`crop`, the
+    /// original enlarged to it (bicubic) and every term computed at that size; the target reads
+    /// the decodes through its own preprocessing, which then *downsizes* them, as it downsizes a
+    /// full-size photo (Kodak: about 2x). Photos published larger than the classifier's input
+    /// are the common case, and the shield must survive that downsizing.
+    #[serde(default)]
+    pub upscale_probability: f64,
+    /// The largest enlargement of [`ShieldConfig::upscale_probability`] (default 2).
+    #[serde(default = "default_max_upscale")]
+    pub max_upscale: f64,
     /// What the generator's triggers are ([`Modulation`]: `bias`, PSIC's; `scale`, per-channel
     /// gains; `affine`, both). Absent: the `init` model's generator as it is (a new one is
     /// `bias`). `affine` on a `bias` generator adds zero-initialised gains, so training starts
@@ -352,6 +364,9 @@ fn default_one() -> f64 {
 }
 fn default_max_psnr_gap() -> f64 {
     1.5
+}
+fn default_max_upscale() -> f64 {
+    2.0
 }
 fn default_noisy_weight() -> f64 {
     0.5
@@ -476,6 +491,25 @@ impl TrainConfig {
                      (stage 2 or freeze_analysis)"
                         .into(),
                 );
+            }
+        }
+        if let Some(s) = self
+            .shield
+            .as_ref()
+            .filter(|s| s.upscale_probability != 0.0)
+        {
+            if !(s.upscale_probability > 0.0 && s.upscale_probability <= 1.0) {
+                return bad(format!(
+                    "[shield] upscale_probability must be in [0, 1], got {}",
+                    s.upscale_probability
+                ));
+            }
+            if upscale_sides(self.crop, s.max_upscale).is_empty() {
+                return bad(format!(
+                    "[shield] max_upscale {} leaves no multiple of 64 pixels above the {}-pixel \
+                     crop",
+                    s.max_upscale, self.crop
+                ));
             }
         }
         if self
@@ -876,6 +910,11 @@ impl Trainer {
         } = self
             .sampler
             .next_annotated_batch(self.cfg.batch, &self.device)?;
+        let x = if shield.upscale_probability > 0.0 {
+            upscale_batch(&mut self.noise, &x, self.cfg.crop, &shield)?
+        } else {
+            x
+        };
         let b = x.dim(0)?;
         let frozen_analysis = self.cfg.frozen_analysis();
         let (y_tilde, bpp) = if frozen_analysis && shield.rounded_latents {
@@ -1381,6 +1420,33 @@ fn purify(rng: &mut SplitMix64, x_sh: &Tensor, augment: Option<AugmentConfig>) -
     Ok(seen)
 }
 
+/// The sides a batch of `crop`-pixel crops may be enlarged to: the multiples of 64 above
+/// `crop`, up to `max_upscale`·`crop` (NaN or a factor at most 1 give none).
+fn upscale_sides(crop: u32, max_upscale: f64) -> Vec<usize> {
+    let top = (crop as f64 * max_upscale).floor();
+    (crop as usize / 64 + 1..)
+        .map(|k| 64 * k)
+        .take_while(|&side| (side as f64) <= top)
+        .collect()
+}
+
+/// [`ShieldConfig::upscale_probability`]: with that probability the batch enlarged (bicubic,
+/// clamped to [0, 1]) to a side drawn from [`upscale_sides`]; otherwise as it is.
+fn upscale_batch(
+    rng: &mut SplitMix64,
+    x: &Tensor,
+    crop: u32,
+    shield: &ShieldConfig,
+) -> Result<Tensor> {
+    if rng.next_f64() >= shield.upscale_probability {
+        return Ok(x.clone());
+    }
+    let sides = upscale_sides(crop, shield.max_upscale);
+    let side = sides[(rng.next_u64() % sides.len() as u64) as usize];
+    let big = crate::targets::preprocess::resize_bicubic(x, side, side)?;
+    Ok(big.clamp(0f32, 1f32)?)
+}
+
 /// Mean cosine similarity, per sample and map, between feature maps of the shielded decodes
 /// and the (constant) maps of the originals.
 fn feature_similarity(shielded: &[Tensor], original: &[Tensor]) -> Result<Tensor> {
@@ -1603,6 +1669,17 @@ mod tests {
                 ("lambda_shield = 0.3", "lambda_shield = 0.3\ngap_per_crop = true"),
                 "gap_per_crop",
             ),
+            (
+                ("lambda_shield = 0.3", "lambda_shield = 0.3\nupscale_probability = 1.5"),
+                "upscale_probability",
+            ),
+            (
+                (
+                    "lambda_shield = 0.3",
+                    "lambda_shield = 0.3\nupscale_probability = 0.5\nmax_upscale = 1.1",
+                ),
+                "max_upscale",
+            ),
         ] {
             // A value outside a closed set fails to parse; the others fail the check.
             let err = match toml::from_str::<TrainConfig>(&base.replacen(edit.0, edit.1, 1)) {
@@ -1663,6 +1740,42 @@ mod tests {
             // The full decode's MSE is the reference, not something the budget pushes on.
             assert!(grads.get(full.as_tensor()).is_none());
         }
+    }
+
+    #[test]
+    fn upscaling_draws_a_multiple_of_64_up_to_the_limit() {
+        assert_eq!(upscale_sides(256, 2.0), vec![320, 384, 448, 512]);
+        assert_eq!(upscale_sides(256, 1.2), Vec::<usize>::new());
+        assert_eq!(upscale_sides(64, 2.0), vec![128]);
+        assert!(upscale_sides(256, f64::NAN).is_empty());
+        let dev = Device::Cpu;
+        let x = Tensor::rand(0f32, 1f32, (2, 3, 64, 64), &dev).unwrap();
+        let cfg = |p: f64| -> ShieldConfig {
+            toml::from_str(&format!(
+                "target = \"t\"\nweights = \"w\"\nlambda_full = 0.1\nlambda_shielded = 0.1\n\
+                 lambda_shield = 1.0\nupscale_probability = {p}\nmax_upscale = 3.0"
+            ))
+            .unwrap()
+        };
+        let mut rng = SplitMix64::new(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let y = upscale_batch(&mut rng, &x, 64, &cfg(1.0)).unwrap();
+            let (b, c, h, w) = y.dims4().unwrap();
+            assert_eq!((b, c, h), (2, 3, w));
+            seen.insert(h);
+            let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![128, 192]);
+        // At probability 0.5 about half the batches keep their size.
+        let kept = (0..200)
+            .filter(|_| {
+                let y = upscale_batch(&mut rng, &x, 64, &cfg(0.5)).unwrap();
+                y.dim(2).unwrap() == 64
+            })
+            .count();
+        assert!((70..130).contains(&kept), "{kept}");
     }
 
     #[test]
