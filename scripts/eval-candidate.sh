@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Evaluates a candidate default model the way the shipped one was chosen and measured
+# (docs/MODELS.md): the selection split with every purification (what chooses), then Kodak at
+# its default level at full size and at 1.5x with every purification (what a published photo
+# meets). Lite1 is a probe: reported, never used to choose.
+# Usage: bash scripts/eval-candidate.sh MODEL OUT_DIR [STRENGTH]
+#   PSIC (default target/release/psic, a build with the eval feature) runs the commands.
+# Writes OUT_DIR/split, OUT_DIR/kodak, OUT_DIR/kodak-x1.5 (psic eval reports), then prints the
+# selection rule's verdict on the split (scripts/select_model.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:?usage: eval-candidate.sh MODEL OUT_DIR [STRENGTH]}
+out=${2:?usage: eval-candidate.sh MODEL OUT_DIR [STRENGTH]}
+strength=${3:-}
+psic=${PSIC:-target/release/psic}
+[ -f "$model" ] || { echo "no model file $model" >&2; exit 1; }
+[ -x "$psic" ] || { echo "no psic binary at $psic (cargo build --release)" >&2; exit 1; }
+common=(-m "$model" --target efficientnet-lite
+  --weights ../shared/models/efficientnet-lite0.safetensors
+  --probes efficientnet-lite:../shared/models/efficientnet-lite1.safetensors)
+[ -n "$strength" ] && common+=(--strength "$strength")
+mkdir -p "$out"
+"$psic" eval "${common[@]}" --data ../shared/data/imagenet-val256 --split eval \
+  --out "$out/split" --title "candidate on the selection split"
+"$psic" eval "${common[@]}" --data ../shared/data/kodak --out "$out/kodak" \
+  --title "candidate on Kodak"
+"$psic" eval "${common[@]}" --data ../shared/data/kodak --scale 1.5 --out "$out/kodak-x1.5" \
+  --title "candidate on Kodak resized by 1.5"
+python3 scripts/select_model.py "$out/split" || true
