@@ -349,6 +349,13 @@ fn jpeg_output_and_stdin_stdout_pipes() {
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
+    // Where the weights come from, as the file says.
+    let o = run(&bin, &["info", "-m", &model]);
+    let info = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        info.contains("source: psic initialisation, seed 5 (untrained)"),
+        "{info}"
+    );
     // Garbage on stdin: a one-line error, exit code 1.
     let o = piped(
         &["decode", "-m", &model, "-i", "-", "-o", "-"],

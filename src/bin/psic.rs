@@ -944,6 +944,12 @@ fn model_info(model: &ModelFile) -> Result<()> {
         ),
         None => outln!("shield: none (a plain codec)"),
     }
+    // Where the weights come from, as the writer recorded it (`psic train`, `convert`, ...):
+    // text from the file, so control characters are escaped and the line is cut at 200.
+    if let Some(source) = model.extra_metadata.get("source") {
+        let shown: String = source.escape_debug().take(200).collect();
+        outln!("source: {shown}");
+    }
     let Some(levels) = model.rate_levels()? else {
         outln!("quality levels: 1 (no rate.gains)");
         return Ok(());
