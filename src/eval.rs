@@ -563,14 +563,28 @@ pub fn load_images(
 /// The photos resized by `factor` (triangle filter, each side rounded and at least 1 pixel):
 /// evaluates the same photos at another size, e.g. Kodak at half size, where a classifier sees
 /// them without the downsizing its preprocessing applies to full-size photos. `factor` must be
-/// in (0, 4].
-pub fn rescale_images(images: Vec<EvalImage>, factor: f64) -> Result<Vec<EvalImage>> {
+/// in (0, 4], and no resized photo may exceed `max_pixels` (the codec's limit,
+/// [`Codec::max_pixels`]): that is checked before anything is resized.
+pub fn rescale_images(
+    images: Vec<EvalImage>,
+    factor: f64,
+    max_pixels: u64,
+) -> Result<Vec<EvalImage>> {
     if !(factor > 0.0 && factor <= 4.0) {
         return Err(crate::Error::InvalidArgument(format!(
             "the scale factor must be in (0, 4], got {factor}"
         )));
     }
     let side = |v: u32| ((v as f64 * factor).round() as u32).max(1);
+    for im in &images {
+        let (w, h) = (side(im.image.width()), side(im.image.height()));
+        if w as u64 * h as u64 > max_pixels {
+            return Err(crate::Error::Image(format!(
+                "{} resized by {factor} would be {w}x{h}, over the limit of {max_pixels} pixels",
+                im.name
+            )));
+        }
+    }
     Ok(images
         .into_iter()
         .map(|im| {
@@ -940,15 +954,27 @@ mod tests {
             label: Some(3),
             caption: None,
         };
-        let out = rescale_images(vec![im(768, 512), im(3, 1)], 0.5).unwrap();
+        let out = rescale_images(vec![im(768, 512), im(3, 1)], 0.5, 1 << 24).unwrap();
         assert_eq!(out[0].image.dimensions(), (384, 256));
         assert_eq!(out[1].image.dimensions(), (2, 1));
         assert_eq!((out[0].label, out[0].name.as_str()), (Some(3), "a.png"));
         // A flat colour stays that colour.
         assert_eq!(out[0].image.get_pixel(10, 10)[2], 7);
         for bad in [0.0, -1.0, 4.5, f64::NAN] {
-            assert!(rescale_images(vec![im(8, 8)], bad).is_err(), "{bad}");
+            assert!(
+                rescale_images(vec![im(8, 8)], bad, 1 << 24).is_err(),
+                "{bad}"
+            );
         }
+        // Over the pixel limit: refused before resizing, naming the photo.
+        let err = rescale_images(vec![im(100, 100)], 4.0, 100 * 100).unwrap_err();
+        assert!(err.to_string().contains("a.png"), "{err}");
+        assert_eq!(
+            rescale_images(vec![im(100, 100)], 1.0, 100 * 100)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     fn result(label: usize, full: usize, shielded: usize, bpp: f64) -> ImageResult {

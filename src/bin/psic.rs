@@ -1436,7 +1436,7 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
     }
     let mut images = load_images(&a.data, part, a.limit)?;
     if let Some(f) = a.scale {
-        images = psic::eval::rescale_images(images, f)?;
+        images = psic::eval::rescale_images(images, f, codec.max_pixels())?;
     }
     let mut bar = ui.progress("eval");
     let report = psic::eval::evaluate_with_probes(
