@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Evaluates a candidate default model the way the shipped one was chosen and measured
-# (docs/MODELS.md): the selection split with every purification (what chooses), then Kodak at
-# its default level at full size and at 1.5x with every purification (what a published photo
-# meets). Lite1 is a probe: reported, never used to choose.
+# (docs/MODELS.md): the selection split with every purification (what chooses), the 60 first
+# held-out photos of ../shared/data/photos enlarged 2x (a full-size selection set that is not
+# Kodak: the classifier downsizes them about 2x), then Kodak at its default level at full size
+# and at 1.5x with every purification (what a published photo meets; a test set). Lite1 is a
+# probe: reported, never used to choose.
 # Usage: bash scripts/eval-candidate.sh MODEL OUT_DIR [STRENGTH]
 #   PSIC (default target/release/psic, a build with the eval feature) runs the commands.
-# Writes OUT_DIR/split, OUT_DIR/kodak, OUT_DIR/kodak-x1.5 (psic eval reports), then prints the
-# selection rule's verdict on the split (scripts/select_model.py).
+# Writes OUT_DIR/split, OUT_DIR/photos-x2, OUT_DIR/kodak, OUT_DIR/kodak-x1.5 (psic eval reports),
+# then prints the selection rule's verdict on the split (scripts/select_model.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?usage: eval-candidate.sh MODEL OUT_DIR [STRENGTH]}
@@ -22,6 +24,8 @@ common=(-m "$model" --target efficientnet-lite
 mkdir -p "$out"
 "$psic" eval "${common[@]}" --data ../shared/data/imagenet-val256 --split eval \
   --out "$out/split" --title "candidate on the selection split"
+"$psic" eval "${common[@]}" --data ../shared/data/photos --split eval -n 60 --scale 2 \
+  --no-purify --jpeg none --out "$out/photos-x2" --title "candidate on held-out photos enlarged 2x"
 "$psic" eval "${common[@]}" --data ../shared/data/kodak --out "$out/kodak" \
   --title "candidate on Kodak"
 "$psic" eval "${common[@]}" --data ../shared/data/kodak --scale 1.5 --out "$out/kodak-x1.5" \
