@@ -19,6 +19,18 @@ fn run(bin: &Path, args: &[&str]) -> Output {
     Command::new(bin).args(args).output().expect("run psic")
 }
 
+/// Runs psic with its stdout closed from the start, as `psic ... | head -0` leaves it.
+fn run_with_stdout_closed(bin: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psic");
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -340,14 +352,7 @@ fn jpeg_output_and_stdin_stdout_pipes() {
     let o = piped(&["info", "-i", "-"], std::fs::read(p("s.psic")).unwrap());
     assert!(String::from_utf8_lossy(&o.stdout).contains("70x45"));
     // A reader that closes the pipe early (`psic info -m M | head -0`): a quiet success, no panic.
-    let mut child = Command::new(&bin)
-        .args(["info", "-m", &model])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psic");
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    let o = run_with_stdout_closed(&bin, &["info", "-m", &model]);
     assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
     // Where the weights come from, as the file says.
     let o = run(&bin, &["info", "-m", &model]);
@@ -488,15 +493,16 @@ fn shield_with_the_default_model_writes_stream_and_both_decodes() {
     // Its status lines going nowhere (`psic shield ... | head -0`) do not cut the job short.
     let later = dir.join("later");
     std::fs::create_dir_all(&later).unwrap();
-    let mut child = std::process::Command::new(&bin)
-        .args(["shield", &input.to_string_lossy(), "--full", "--out-dir"])
-        .arg(&later)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psic");
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    let o = run_with_stdout_closed(
+        &bin,
+        &[
+            "shield",
+            &input.to_string_lossy(),
+            "--full",
+            "--out-dir",
+            &later.to_string_lossy(),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     for name in ["photo.psic", "photo.shielded.png", "photo.full.png"] {
         assert!(later.join(name).exists(), "{name} missing");
