@@ -261,6 +261,13 @@ pub struct ShieldConfig {
     /// The largest enlargement of [`ShieldConfig::upscale_probability`] (default 2).
     #[serde(default = "default_max_upscale")]
     pub max_upscale: f64,
+    /// Keep an enlarged batch's pixel count about that of the `batch` crops it came from (false,
+    /// the default, as runs before it): enlarged to side `s`, only the first
+    /// max(1, round(`batch`·`crop`²/`s`²)) crops are kept, so a step costs about the same at any
+    /// enlargement and `max_upscale` 3 stays affordable on a CPU (batches of 4 crops of 256
+    /// pixels: 3 crops at 320, 2 at 384, one from 448 up to 768).
+    #[serde(default)]
+    pub upscale_same_pixels: bool,
     /// What the generator's triggers are ([`Modulation`]: `bias`, PSIC's; `scale`, per-channel
     /// gains; `affine`, both). Absent: the `init` model's generator as it is (a new one is
     /// `bias`). `affine` on a `bias` generator adds zero-initialised gains, so training starts
@@ -905,8 +912,8 @@ impl Trainer {
             .expect("checked in TrainConfig::check");
         let crate::data::Batch {
             images: x,
-            labels,
-            captions,
+            mut labels,
+            mut captions,
         } = self
             .sampler
             .next_annotated_batch(self.cfg.batch, &self.device)?;
@@ -916,6 +923,9 @@ impl Trainer {
             x
         };
         let b = x.dim(0)?;
+        // An enlarged batch may keep only its first crops (`upscale_same_pixels`).
+        labels.truncate(b);
+        captions.truncate(b);
         let frozen_analysis = self.cfg.frozen_analysis();
         let (y_tilde, bpp) = if frozen_analysis && shield.rounded_latents {
             let levels = self.pick_levels(b, shield.train_levels);
@@ -1431,7 +1441,9 @@ fn upscale_sides(crop: u32, max_upscale: f64) -> Vec<usize> {
 }
 
 /// [`ShieldConfig::upscale_probability`]: with that probability the batch enlarged (bicubic,
-/// clamped to [0, 1]) to a side drawn from [`upscale_sides`]; otherwise as it is.
+/// clamped to [0, 1]) to a side drawn from [`upscale_sides`], and with
+/// [`ShieldConfig::upscale_same_pixels`] cut to its first [`same_pixel_count`] crops;
+/// otherwise as it is.
 fn upscale_batch(
     rng: &mut SplitMix64,
     x: &Tensor,
@@ -1443,8 +1455,20 @@ fn upscale_batch(
     }
     let sides = upscale_sides(crop, shield.max_upscale);
     let side = sides[(rng.next_u64() % sides.len() as u64) as usize];
-    let big = crate::targets::preprocess::resize_bicubic(x, side, side)?;
+    let x = if shield.upscale_same_pixels {
+        x.narrow(0, 0, same_pixel_count(x.dim(0)?, crop, side))?
+    } else {
+        x.clone()
+    };
+    let big = crate::targets::preprocess::resize_bicubic(&x, side, side)?;
     Ok(big.clamp(0f32, 1f32)?)
+}
+
+/// How many of `batch` crops of side `crop` hold about as many pixels enlarged to `side`: at
+/// least one, at most `batch`.
+fn same_pixel_count(batch: usize, crop: u32, side: usize) -> usize {
+    let ratio = (crop as f64 / side as f64).powi(2);
+    ((batch as f64 * ratio).round() as usize).clamp(1, batch)
 }
 
 /// Mean cosine similarity, per sample and map, between feature maps of the shielded decodes
@@ -1776,6 +1800,42 @@ mod tests {
             })
             .count();
         assert!((70..130).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn same_pixel_upscaling_keeps_about_the_batch_pixel_count() {
+        assert_eq!(same_pixel_count(4, 256, 320), 3);
+        assert_eq!(same_pixel_count(4, 256, 384), 2);
+        assert_eq!(same_pixel_count(4, 256, 448), 1);
+        assert_eq!(same_pixel_count(4, 256, 768), 1);
+        assert_eq!(same_pixel_count(16, 256, 512), 4);
+        assert_eq!(same_pixel_count(4, 256, 256), 4);
+        let x = Tensor::rand(0f32, 1f32, (4, 3, 64, 64), &Device::Cpu).unwrap();
+        let cfg: ShieldConfig = toml::from_str(
+            "target = \"t\"\nweights = \"w\"\nlambda_full = 0.1\nlambda_shielded = 0.1\n\
+             lambda_shield = 1.0\nupscale_probability = 1.0\nmax_upscale = 3.0\n\
+             upscale_same_pixels = true",
+        )
+        .unwrap();
+        let mut rng = SplitMix64::new(3);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let y = upscale_batch(&mut rng, &x, 64, &cfg).unwrap();
+            let (b, side) = (y.dim(0).unwrap(), y.dim(2).unwrap());
+            seen.insert((side, b));
+            // The kept crops are the first ones, enlarged.
+            let first =
+                crate::targets::preprocess::resize_bicubic(&x.narrow(0, 0, b).unwrap(), side, side)
+                    .unwrap()
+                    .clamp(0f32, 1f32)
+                    .unwrap();
+            let d = (y - first).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![(128, 1), (192, 1)]
+        );
     }
 
     #[test]
