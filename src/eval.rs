@@ -899,19 +899,21 @@ pub fn tradeoff_point(name: &str, report_json: &str) -> Result<TradeoffPoint> {
     })
 }
 
-/// The shield trade-off chart across runs: x the top-1 on the shielded decodes (%; the target
-/// as one coloured marker per run, each probe as markers of its own colour at each run's
-/// PSNR), y the shielded PSNR (dB).
+/// The shield trade-off chart across runs: x the top-1 on the shielded decodes (%), y the
+/// shielded PSNR (dB); one colour per run, the target's reading a filled marker and each
+/// probe's an outlined one at the run's PSNR (a second probe: a second black legend entry, same
+/// outline).
 pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Result<()> {
     use crate::plot::{LineChart, Series, PALETTE};
+    let colour = |i: usize| PALETTE[i % PALETTE.len()];
     let mut series: Vec<Series> = points
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            Series::new(
-                format!("{} (target)", p.name),
+            Series::markers(
+                p.name.clone(),
                 vec![(p.shielded_top1, p.shielded_psnr)],
-                PALETTE[i % PALETTE.len()],
+                colour(i),
             )
         })
         .collect();
@@ -919,19 +921,26 @@ pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Resul
         .iter()
         .flat_map(|p| p.probe_top1.iter().map(|(n, _)| n))
         .collect();
-    for (k, probe) in probes.into_iter().enumerate() {
-        let pts = points
-            .iter()
-            .filter_map(|p| {
-                let (_, a) = p.probe_top1.iter().find(|(n, _)| n == probe)?;
-                Some((*a, p.shielded_psnr))
-            })
-            .collect();
+    if !series.is_empty() {
         series.push(Series::markers(
-            format!("{probe} (probe), at each run's PSNR"),
-            pts,
-            PALETTE[(points.len() + k) % PALETTE.len()],
+            "training target (filled)",
+            Vec::new(),
+            KIND,
         ));
+    }
+    for probe in probes {
+        series
+            .push(Series::markers(format!("{probe} (probe, outlined)"), Vec::new(), KIND).hollow());
+        for (i, p) in points.iter().enumerate() {
+            if let Some((_, a)) = p.probe_top1.iter().find(|(n, _)| n == probe) {
+                let pts = vec![(*a, p.shielded_psnr)];
+                series.push(
+                    Series::markers(probe.clone(), pts, colour(i))
+                        .hollow()
+                        .unlisted(),
+                );
+            }
+        }
     }
     LineChart {
         title: "shield trade-off: strength against image quality".into(),
@@ -941,6 +950,10 @@ pub fn tradeoff_chart(points: &[TradeoffPoint], path: &std::path::Path) -> Resul
     }
     .save_png(path, 900, 560)
 }
+
+/// The legend colour of the marker kinds that every run's colour shares (black: not in
+/// [`crate::plot::PALETTE`]).
+const KIND: image::Rgb<u8> = image::Rgb([0, 0, 0]);
 
 #[cfg(test)]
 mod tests {

@@ -42,6 +42,11 @@ pub struct Series {
     pub color: Rgb<u8>,
     /// Whether consecutive points are joined by a line (markers only otherwise).
     pub joined: bool,
+    /// Whether the markers are outlined squares instead of filled ones (a second kind of
+    /// point in the same colour, such as a probe model's reading beside the target's).
+    pub hollow: bool,
+    /// Whether the series has a legend entry (false: its colour is explained by another).
+    pub listed: bool,
 }
 
 impl Series {
@@ -52,6 +57,8 @@ impl Series {
             points,
             color,
             joined: true,
+            hollow: false,
+            listed: true,
         }
     }
 
@@ -60,6 +67,22 @@ impl Series {
         Series {
             joined: false,
             ..Self::new(name, points, color)
+        }
+    }
+
+    /// The same series with outlined markers ([`Series::hollow`]).
+    pub fn hollow(self) -> Self {
+        Series {
+            hollow: true,
+            ..self
+        }
+    }
+
+    /// The same series without a legend entry ([`Series::listed`]).
+    pub fn unlisted(self) -> Self {
+        Series {
+            listed: false,
+            ..self
         }
     }
 }
@@ -467,20 +490,32 @@ fn draw_frame(
 struct LegendEntry<'a> {
     name: &'a str,
     color: Rgb<u8>,
-    /// Line swatch (a short line with a marker) or a filled box.
-    line: bool,
+    swatch: Swatch,
+}
+
+/// How a legend entry shows its colour.
+#[derive(Clone, Copy, PartialEq)]
+enum Swatch {
+    /// A short line with a marker (a joined series).
+    Line,
+    /// A filled box (markers, bars).
+    Box,
+    /// An outlined box (hollow markers).
+    Outline,
 }
 
 /// Draws a swatch and the name of one legend entry with the swatch's left edge at `x` and the
 /// text vertically centred on `cy`.
 fn draw_entry(cv: &mut Canvas, x: i64, cy: i64, e: &LegendEntry, s: i64) {
     let swatch = 16 * s;
-    if e.line {
-        cv.line((x, cy), (x + swatch, cy), e.color, s + 1);
-        let (half, mx) = (s + 1, x + swatch / 2);
-        cv.fill(mx - half, cy - half, mx + half + 1, cy + half + 1, e.color);
-    } else {
-        cv.fill(x, cy - 3 * s, x + swatch, cy + 3 * s + 1, e.color);
+    match e.swatch {
+        Swatch::Line => {
+            cv.line((x, cy), (x + swatch, cy), e.color, s + 1);
+            let (half, mx) = (s + 1, x + swatch / 2);
+            cv.fill(mx - half, cy - half, mx + half + 1, cy + half + 1, e.color);
+        }
+        Swatch::Box => cv.fill(x, cy - 3 * s, x + swatch, cy + 3 * s + 1, e.color),
+        Swatch::Outline => outline(cv, (x, cy - 3 * s), (x + swatch, cy + 3 * s), s, e.color),
     }
     cv.text(
         x + swatch + 4 * s,
@@ -489,6 +524,15 @@ fn draw_entry(cv: &mut Canvas, x: i64, cy: i64, e: &LegendEntry, s: i64) {
         s,
         BLACK,
     );
+}
+
+/// An outlined rectangle from corner `a` to corner `b` (inclusive), lines `s` pixels wide.
+fn outline(cv: &mut Canvas, a: (i64, i64), b: (i64, i64), s: i64, c: Rgb<u8>) {
+    let ((x0, y0), (x1, y1)) = (a, b);
+    cv.fill(x0, y0, x1 + 1, y0 + s, c);
+    cv.fill(x0, y1 - s + 1, x1 + 1, y1 + 1, c);
+    cv.fill(x0, y0, x0 + s, y1 + 1, c);
+    cv.fill(x1 - s + 1, y0, x1 + 1, y1 + 1, c);
 }
 
 /// Width of one legend entry: swatch, gap, name.
@@ -620,10 +664,15 @@ impl LineChart {
         let entries: Vec<LegendEntry> = self
             .series
             .iter()
+            .filter(|se| se.listed)
             .map(|se| LegendEntry {
                 name: &se.name,
                 color: se.color,
-                line: se.joined,
+                swatch: match (se.joined, se.hollow) {
+                    (true, _) => Swatch::Line,
+                    (false, false) => Swatch::Box,
+                    (false, true) => Swatch::Outline,
+                },
             })
             .collect();
         let s = label_scale(width, height);
@@ -683,14 +732,20 @@ impl LineChart {
                         occupied.push((q.0 + (p.0 - q.0) * k / 8, q.1 + (p.1 - q.1) * k / 8));
                     }
                 }
-                let half = s + 1;
-                cv.fill(
-                    p.0 - half,
-                    p.1 - half,
-                    p.0 + half + 1,
-                    p.1 + half + 1,
-                    se.color,
-                );
+                if se.hollow {
+                    let half = 2 * s + 1;
+                    let (a, b) = ((p.0 - half, p.1 - half), (p.0 + half, p.1 + half));
+                    outline(&mut cv, a, b, (s + 1) / 2, se.color);
+                } else {
+                    let half = s + 1;
+                    cv.fill(
+                        p.0 - half,
+                        p.1 - half,
+                        p.0 + half + 1,
+                        p.1 + half + 1,
+                        se.color,
+                    );
+                }
                 occupied.push(p);
                 prev = Some(p);
             }
@@ -762,7 +817,7 @@ impl BarChart {
             .map(|n| LegendEntry {
                 name: n,
                 color: color_of(n),
-                line: false,
+                swatch: Swatch::Box,
             })
             .collect();
         let (area, y) = draw_frame(
@@ -914,6 +969,45 @@ mod tests {
             // The title at the top.
             assert!(dark_in(&img, 0, 0, w, h / 15) > 50);
         }
+    }
+
+    #[test]
+    fn hollow_markers_are_outlines_and_unlisted_series_have_no_legend_entry() {
+        let (red, blue) = (Rgb([200, 30, 30]), Rgb([30, 30, 200]));
+        let chart = |hollow: bool, listed: bool| {
+            let mut se = Series::markers("b", vec![(0.5, 0.5)], blue);
+            (se.hollow, se.listed) = (hollow, listed);
+            LineChart {
+                title: "t".into(),
+                series: vec![Series::markers("a", vec![(0.0, 0.0), (1.0, 1.0)], red), se],
+                ..Default::default()
+            }
+        };
+        let img = chart(true, true).render(600, 400);
+        // The data point (0.5, 0.5) is at the plot's centre: an outline leaves it white.
+        let at = |img: &RgbImage, c: Rgb<u8>| {
+            img.enumerate_pixels()
+                .filter(|(_, _, p)| **p == c)
+                .map(|(x, y, _)| (x, y))
+                .collect::<Vec<_>>()
+        };
+        let filled = chart(false, true).render(600, 400);
+        let (hollow_px, filled_px) = (at(&img, blue), at(&filled, blue));
+        assert!(!hollow_px.is_empty() && !filled_px.is_empty());
+        // Same legend place, so the marker is what differs: the filled one covers its centre.
+        let centre = |px: &[(u32, u32)]| {
+            let (mut xs, mut ys): (Vec<u32>, Vec<u32>) = px.iter().copied().unzip();
+            xs.sort();
+            ys.sort();
+            (xs[xs.len() / 2], ys[ys.len() / 2])
+        };
+        let c = centre(&at(&filled, blue)[..]);
+        assert_eq!(*filled.get_pixel(c.0, c.1), blue);
+        assert_ne!(img.get_pixel(c.0, c.1), &blue);
+        // Without a legend entry, the colour appears only at the marker.
+        let unlisted = chart(true, false).render(600, 400);
+        assert!(at(&unlisted, blue).len() < hollow_px.len());
+        assert!(!at(&unlisted, blue).is_empty());
     }
 
     #[test]
