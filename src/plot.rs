@@ -266,10 +266,16 @@ impl Canvas {
 
     /// Outlines the rectangle `[x0, x1] x [y0, y1]`.
     fn frame(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb<u8>) {
-        self.fill(x0, y0, x1 + 1, y0 + 1, c);
-        self.fill(x0, y1, x1 + 1, y1 + 1, c);
-        self.fill(x0, y0, x0 + 1, y1 + 1, c);
-        self.fill(x1, y0, x1 + 1, y1 + 1, c);
+        self.frame_wide((x0, y0), (x1, y1), 1, c);
+    }
+
+    /// Outlines the rectangle from corner `a` to corner `b` (inclusive) with lines `w` pixels
+    /// wide, inside it.
+    fn frame_wide(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), w: i64, c: Rgb<u8>) {
+        self.fill(x0, y0, x1 + 1, y0 + w, c);
+        self.fill(x0, y1 - w + 1, x1 + 1, y1 + 1, c);
+        self.fill(x0, y0, x0 + w, y1 + 1, c);
+        self.fill(x1 - w + 1, y0, x1 + 1, y1 + 1, c);
     }
 
     /// A line `thick` pixels wide (Bresenham, stamping a square at each step).
@@ -515,7 +521,7 @@ fn draw_entry(cv: &mut Canvas, x: i64, cy: i64, e: &LegendEntry, s: i64) {
             cv.fill(mx - half, cy - half, mx + half + 1, cy + half + 1, e.color);
         }
         Swatch::Box => cv.fill(x, cy - 3 * s, x + swatch, cy + 3 * s + 1, e.color),
-        Swatch::Outline => outline(cv, (x, cy - 3 * s), (x + swatch, cy + 3 * s), s, e.color),
+        Swatch::Outline => cv.frame_wide((x, cy - 3 * s), (x + swatch, cy + 3 * s), s, e.color),
     }
     cv.text(
         x + swatch + 4 * s,
@@ -524,15 +530,6 @@ fn draw_entry(cv: &mut Canvas, x: i64, cy: i64, e: &LegendEntry, s: i64) {
         s,
         BLACK,
     );
-}
-
-/// An outlined rectangle from corner `a` to corner `b` (inclusive), lines `s` pixels wide.
-fn outline(cv: &mut Canvas, a: (i64, i64), b: (i64, i64), s: i64, c: Rgb<u8>) {
-    let ((x0, y0), (x1, y1)) = (a, b);
-    cv.fill(x0, y0, x1 + 1, y0 + s, c);
-    cv.fill(x0, y1 - s + 1, x1 + 1, y1 + 1, c);
-    cv.fill(x0, y0, x0 + s, y1 + 1, c);
-    cv.fill(x1 - s + 1, y0, x1 + 1, y1 + 1, c);
 }
 
 /// Width of one legend entry: swatch, gap, name.
@@ -735,7 +732,7 @@ impl LineChart {
                 if se.hollow {
                     let half = 2 * s + 1;
                     let (a, b) = ((p.0 - half, p.1 - half), (p.0 + half, p.1 + half));
-                    outline(&mut cv, a, b, (s + 1) / 2, se.color);
+                    cv.frame_wide(a, b, (s + 1) / 2, se.color);
                 } else {
                     let half = s + 1;
                     cv.fill(
