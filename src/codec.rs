@@ -42,6 +42,16 @@ pub struct Codec {
 /// much, raise it for larger images.
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 24;
 
+/// Refuses a `w`x`h` image over a codec's limit of `max_pixels` ([`Codec::max_pixels`]).
+pub(crate) fn check_pixel_limit(w: u64, h: u64, max_pixels: u64) -> Result<()> {
+    if w.saturating_mul(h) > max_pixels {
+        return Err(Error::Image(format!(
+            "{w}x{h} is over this codec's limit of {max_pixels} pixels (see Codec::with_max_pixels)"
+        )));
+    }
+    Ok(())
+}
+
 /// A trigger generator and the conditions its model was trained for.
 #[derive(Debug)]
 struct Shield {
@@ -406,13 +416,7 @@ impl Codec {
     }
 
     fn check_pixels(&self, w: u64, h: u64) -> Result<()> {
-        if w * h > self.max_pixels {
-            return Err(Error::Image(format!(
-                "{w}x{h} is over this codec's limit of {} pixels (see Codec::with_max_pixels)",
-                self.max_pixels
-            )));
-        }
-        Ok(())
+        check_pixel_limit(w, h, self.max_pixels)
     }
 
     /// The backbone.

@@ -578,12 +578,12 @@ pub fn rescale_images(
     let side = |v: u32| ((v as f64 * factor).round() as u32).max(1);
     for im in &images {
         let (w, h) = (side(im.image.width()), side(im.image.height()));
-        if w as u64 * h as u64 > max_pixels {
-            return Err(crate::Error::Image(format!(
-                "{} resized by {factor} would be {w}x{h}, over the limit of {max_pixels} pixels",
-                im.name
-            )));
-        }
+        crate::codec::check_pixel_limit(w.into(), h.into(), max_pixels).map_err(|e| match e {
+            crate::Error::Image(m) => {
+                crate::Error::Image(format!("{} resized by {factor}: {m}", im.name))
+            }
+            e => e,
+        })?;
     }
     Ok(images
         .into_iter()
