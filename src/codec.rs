@@ -127,8 +127,8 @@ impl Codec {
     }
 
     /// Builds a codec from a parsed model file (with its trigger generator, if it has one).
-    /// Its transforms run at [`Precision::auto`] (bf16 on CPUs with AVX512-BF16 unless
-    /// `PSIC_PRECISION=f32`): see [`with_precision`](Self::with_precision).
+    /// Its transforms run at [`Precision::auto`] (`PSIC_PRECISION`, else f32, so that a
+    /// decode gives the same pixels on every CPU): see [`with_precision`](Self::with_precision).
     pub fn from_model_file(model: &ModelFile, device: &Device) -> Result<Self> {
         let mut codec = Self::new(model.build_backbone(device)?, model.fingerprint()?)
             .with_precision(Precision::auto())?;

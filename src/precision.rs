@@ -8,13 +8,16 @@
 //! the transforms use (see [`Codec::with_precision`](crate::Codec::with_precision)).
 //!
 //! The default, [`Precision::auto`], is read once per process: the environment variable
-//! `PSIC_PRECISION` (`f32`, `bf16` or `bf16-emulated`) if set, otherwise f32 (bf16 is opt-in
-//! until its kernel has run on a CPU with AVX512-BF16; see [`Precision::auto`]).
+//! `PSIC_PRECISION` (`f32`, `bf16` or `bf16-emulated`) if set, otherwise f32 (bf16 is opt-in;
+//! see [`Precision::auto`]).
 
 use std::sync::OnceLock;
 
-/// Precision of the analysis (`g_a`) and synthesis (`g_s`) convolutions on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Precision of the analysis (`g_a`) and synthesis (`g_s`) convolutions on the CPU. Written
+/// and read as `f32`, `bf16` or `bf16-emulated` (in training configurations, by
+/// `PSIC_PRECISION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Precision {
     /// f32 operands and products: matches CompressAI's float transforms to f32 rounding (its
     /// byte-identical strings need this).
@@ -30,10 +33,10 @@ pub enum Precision {
 
 impl Precision {
     /// The process default: `PSIC_PRECISION` (`f32`, `bf16` or `bf16-emulated`, read once) if
-    /// set, otherwise [`Precision::F32`]. bf16 is opt-in for now: the AVX512-BF16 kernel has
-    /// been tested only through its emulation, because no machine psic was developed on had
-    /// the instructions; it becomes the default where supported once it has run on one.
-    /// An unrecognised value is reported once on stderr and ignored.
+    /// set, otherwise [`Precision::F32`]. bf16 stays opt-in: it is faster on some AVX512-BF16
+    /// CPUs and not on others (docs/PERFORMANCE.md), and f32 gives a decode the same pixels on
+    /// every CPU, which reports and tests rely on. Training configurations choose their own
+    /// (`precision`). An unrecognised value is reported once on stderr and ignored.
     pub fn auto() -> Self {
         static AUTO: OnceLock<Precision> = OnceLock::new();
         *AUTO.get_or_init(|| {

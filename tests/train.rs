@@ -1,10 +1,16 @@
-//! Stage-0 training: losses fall on a tiny run, and a resumed run continues bit-identically.
+//! Stage-0 training: losses fall on a tiny run, a resumed run continues bit-identically, and a
+//! configuration's `precision` is applied and kept.
 
 use candle_core::Device;
 use psic::train::{TrainConfig, Trainer};
 
 fn folder() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("psic-train-{}", std::process::id()));
+    folder_named("psic-train")
+}
+
+/// Twelve small photos in a fresh temporary folder of this name (per process).
+fn folder_named(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for i in 0..12u32 {
         image::RgbImage::from_fn(80, 72, |x, y| {
@@ -84,6 +90,41 @@ fn resumed_training_continues_bit_identically() {
     let img = image::open(data.join("img00.png")).unwrap().to_rgb8();
     let bytes = codec.encode(&img).unwrap();
     assert_eq!(codec.decode(&bytes).unwrap().dimensions(), (80, 72));
+    std::fs::remove_dir_all(&data).ok();
+}
+
+#[test]
+fn a_configured_precision_is_applied_and_kept_on_resume() {
+    let data = folder_named("psic-train-precision");
+    let dev = Device::Cpu;
+    let with = |p: &str| {
+        // 16 channels: products of fewer rows stay in f32 whatever the precision.
+        let mut cfg = config(data.clone());
+        (cfg.n, cfg.m) = (16, 16);
+        cfg.precision = Some(p.parse().unwrap());
+        cfg
+    };
+    // bf16-emulated rounds every convolution operand to bf16 on any CPU, so its first step
+    // differs from f32's: the key reaches the backbone.
+    let f32_loss = Trainer::new(with("f32"), &dev)
+        .unwrap()
+        .step()
+        .unwrap()
+        .loss;
+    let mut a = Trainer::new(with("bf16-emulated"), &dev).unwrap();
+    let bf16_loss = a.step().unwrap().loss;
+    assert_ne!(f32_loss.to_bits(), bf16_loss.to_bits());
+    let ckpt = data.join("ckpt.safetensors");
+    a.save_checkpoint(&ckpt).unwrap();
+    let mut b = Trainer::resume(&ckpt, &dev, |_| {}).unwrap();
+    assert_eq!(b.config().precision, Some(psic::Precision::Bf16Emulated));
+    assert_eq!(
+        a.step().unwrap().loss.to_bits(),
+        b.step().unwrap().loss.to_bits(),
+        "the resumed run keeps the configured precision"
+    );
+    let text = "precision = \"bf17\"\n";
+    assert!(toml::from_str::<TrainConfig>(text).is_err());
     std::fs::remove_dir_all(&data).ok();
 }
 

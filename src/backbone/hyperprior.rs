@@ -34,8 +34,8 @@ pub struct ScaleHyperprior {
 impl ScaleHyperprior {
     /// Loads (or creates, for training) the model from `vb`. Loaded (frozen) weights run in
     /// f32 until [`LicBackbone::set_transform_precision`] (which [`Codec`](crate::Codec) calls);
-    /// a model created for training takes [`Precision::auto`] for `g_a` and `g_s` (bf16 where
-    /// the CPU has it, unless `PSIC_PRECISION=f32`).
+    /// a model created for training takes [`Precision::auto`] for `g_a` and `g_s`
+    /// (`PSIC_PRECISION`, else f32; a training configuration's `precision` overrides it).
     pub fn new(vb: VarBuilder, cfg: &ScaleHyperpriorConfig) -> Result<Self> {
         let (n, m) = (cfg.n, cfg.m);
         let core = HyperpriorCore::new(&vb, n, m, HyperVariant::Scale)?;

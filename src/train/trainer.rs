@@ -102,6 +102,12 @@ pub struct TrainConfig {
     /// Device (`auto`, `cpu`, `cuda` or `metal`; the CLI's `--device` overrides it).
     #[serde(default)]
     pub device: Option<crate::DeviceKind>,
+    /// Precision of the backbone's CPU convolutions while training (`f32` or `bf16`; unset:
+    /// [`Precision::auto`](crate::Precision::auto), i.e. `PSIC_PRECISION` or f32). bf16 runs
+    /// as f32 on CPUs without AVX512-BF16; where it has them, a step of `configs/v20-stage1.toml`
+    /// took about 0.84x the f32 time (docs/PERFORMANCE.md). Weights stay f32 either way.
+    #[serde(default)]
+    pub precision: Option<crate::Precision>,
     /// Shielding settings (stages 1 and 2).
     #[serde(default)]
     pub shield: Option<ShieldConfig>,
@@ -765,7 +771,10 @@ impl Trainer {
                 VarBuilder::from_varmap(&varmap, DType::F32, device)
             }
         };
-        let backbone = architecture.build(vb.clone())?;
+        let mut backbone = architecture.build(vb.clone())?;
+        if let Some(p) = cfg.precision {
+            backbone.set_transform_precision(p)?;
+        }
         let conditions = Conditions::default();
         let generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
             (Architecture::PsicHy2018(c), _) if cfg.stage.shields() => Some(Box::new(
@@ -863,6 +872,12 @@ impl Trainer {
     /// The device the run is on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The run's configuration (a resumed run's as its checkpoint stored it, with the paths
+    /// the resume moved).
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
     }
 
     /// One step of the configured stage.
