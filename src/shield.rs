@@ -159,6 +159,14 @@ pub trait TriggerGenerator: Send + Sync + std::fmt::Debug {
     /// entry `i` of the result has shape `[B, C_i]`. Differentiable with respect to the
     /// generator's weights.
     fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers>;
+
+    /// Runs the generator's own CPU convolutions (the adaptive triggers' kernels) at
+    /// `precision`, as a training run's `precision` asks; call it before taking triggers. The
+    /// default (for generators without convolutions) ignores it. [`Codec`](crate::Codec)
+    /// leaves generators in f32.
+    fn set_precision(&mut self, _precision: crate::Precision) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How a generator's triggers act on the synthesis features `x` at an injection point.
@@ -595,6 +603,14 @@ impl TriggerGenerator for Cltg {
         &self.cfg.injection_points
     }
 
+    fn set_precision(&mut self, precision: crate::Precision) -> Result<()> {
+        for conv in &mut self.adaptive_convs {
+            // A clone shares the weight variable, so training still updates the same weights.
+            std::sync::Arc::make_mut(conv).set_precision(precision)?;
+        }
+        Ok(())
+    }
+
     fn triggers(&self, condition: &Condition, batch: usize) -> Result<Triggers> {
         if batch == 0 {
             return Err(Error::InvalidArgument("batch size 0".into()));
@@ -744,6 +760,34 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_convolutions_take_the_precision_asked_for() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let cfg = CltgConfig {
+            modulation: Modulation::Adaptive,
+            ..CltgConfig::new(vec![16, 16])
+        };
+        let mut g = AnchoredGenerator::new(Cltg::new(vb, &cfg).unwrap(), Condition::FULL);
+        let precisions = |g: &AnchoredGenerator| -> Vec<crate::Precision> {
+            let t = g.triggers(&Condition::SHIELDED, 1).unwrap();
+            t.adaptive
+                .unwrap()
+                .iter()
+                .map(|a| a.conv.precision())
+                .collect()
+        };
+        assert_eq!(precisions(&g), vec![crate::Precision::F32; 2]);
+        g.set_precision(crate::Precision::Bf16Emulated).unwrap();
+        assert_eq!(precisions(&g), vec![crate::Precision::Bf16Emulated; 2]);
+        // The convolutions still hold the trained variables (not frozen copies).
+        assert!(g
+            .inner()
+            .adaptive_convs
+            .iter()
+            .all(|c| c.weight().is_variable()));
+    }
+
+    #[test]
     fn infer_generic_config() {
         let (map, _cltg) = fresh(vec![8, 16, 8]);
         let tensors: HashMap<String, Tensor> = map
@@ -818,5 +862,9 @@ impl<G: TriggerGenerator> TriggerGenerator for AnchoredGenerator<G> {
 
     fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers> {
         self.subtract_anchor(self.inner.triggers_for_betas(betas)?)
+    }
+
+    fn set_precision(&mut self, precision: crate::Precision) -> Result<()> {
+        self.inner.set_precision(precision)
     }
 }

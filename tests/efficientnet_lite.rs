@@ -274,6 +274,44 @@ fn check_gradient(model: &EfficientNetLite, size: usize) {
     assert!(nonzero > 0);
 }
 
+/// At bf16 (the portable emulation, so on any CPU) the 1x1 convolutions take psic's product
+/// kernels: the logits move off the f32 ones, but only by bf16 rounding, every reference
+/// image keeps its top-1, and gradients still reach the pixels. Back at f32 the logits are
+/// the f32 ones again, bit for bit.
+#[test]
+fn bf16_pointwise_convolutions_keep_the_reading() {
+    let (Some(mut model), Some(refs)) = (lite0(), references()) else {
+        return;
+    };
+    let Some(dir) = shared_file("data/imagenet-val256") else {
+        return;
+    };
+    let paths: Vec<PathBuf> = refs.iter().map(|(n, _, _)| dir.join(n)).collect();
+    let input = model.preprocess(&load_batch(&paths)).unwrap();
+    let f32_logits = model.logits(&input).unwrap().to_vec2::<f32>().unwrap();
+    model.set_precision(psic::Precision::Bf16Emulated).unwrap();
+    let bf16 = model.logits(&input).unwrap();
+    let rows = bf16.to_vec2::<f32>().unwrap();
+    let top1 = |r: &[f32]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    let mut worst = 0f32;
+    for (i, (name, top5, _)) in refs.iter().enumerate() {
+        assert_eq!(top1(&rows[i]), top5[0], "{name}: top-1 at bf16");
+        worst = worst.max(max_abs_diff(&rows[i], &f32_logits[i]));
+    }
+    eprintln!("largest |Δlogit| bf16 vs f32 over the references: {worst:.3}");
+    assert!(
+        worst > 0.0,
+        "bf16 left every logit unchanged: the op is not in use"
+    );
+    assert!(worst < 0.5, "bf16 moved a logit by {worst}");
+    check_gradient(&model, 256);
+    model.set_precision(psic::Precision::F32).unwrap();
+    assert_eq!(
+        model.logits(&input).unwrap().to_vec2::<f32>().unwrap(),
+        f32_logits
+    );
+}
+
 #[test]
 fn gradients_reach_the_input_pixels() {
     let Some(model) = lite0() else { return };

@@ -7,6 +7,8 @@
 mod bf16_emul;
 #[cfg(target_arch = "x86_64")]
 mod bf16_gemm;
+#[cfg(feature = "efficientnet-lite")]
+mod channel_product;
 mod conv;
 mod cpu_conv;
 mod gdn;
@@ -15,6 +17,8 @@ mod im2col;
 mod subpel;
 mod train_conv;
 
+#[cfg(feature = "efficientnet-lite")]
+pub(crate) use channel_product::ChannelProduct;
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use gdn::Gdn;
 pub use subpel::SubpelConv2d;

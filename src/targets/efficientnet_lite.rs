@@ -27,7 +27,8 @@ use candle_nn::{Init, VarBuilder};
 
 use super::depthwise::{depthwise_conv, same_padding};
 use super::{preprocess, SemanticTarget};
-use crate::{Error, Result};
+use crate::layers::ChannelProduct;
+use crate::{Error, Precision, Result};
 
 /// Shape of one MBConv block, as read from its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,24 +300,41 @@ impl EfficientNetLiteConfig {
     }
 }
 
-/// A 1x1 convolution with its batch norm folded in, computed as a matmul.
+/// A 1x1 convolution with its batch norm folded in, computed as a matmul: candle's in f32 (the
+/// figures of the reports were made with it), psic's channel product at another precision.
 #[derive(Debug, Clone)]
 struct Pointwise {
     /// `[O, C]`.
     weight: Tensor,
     /// `[1, O, 1]`.
     bias: Tensor,
+    /// The CPU op when the model runs at a precision other than f32.
+    product: Option<ChannelProduct>,
 }
 
 impl Pointwise {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let o = self.weight.dim(0)?;
-        let y = self
-            .weight
-            .broadcast_matmul(&x.reshape((b, c, h * w))?)?
-            .broadcast_add(&self.bias)?;
+        let x = x.reshape((b, c, h * w))?;
+        let y = match &self.product {
+            Some(op) => op.forward(&x)?,
+            None => self
+                .weight
+                .broadcast_matmul(&x)?
+                .broadcast_add(&self.bias)?,
+        };
         Ok(y.reshape((b, o, h, w))?)
+    }
+
+    /// Chooses the implementation for `precision` (f32, or weights off the CPU: candle's).
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let psic_op = precision != Precision::F32 && self.weight.device().is_cpu();
+        self.product = match psic_op {
+            true => Some(ChannelProduct::new(&self.weight, &self.bias, precision)?),
+            false => None,
+        };
+        Ok(())
     }
 }
 
@@ -419,6 +437,7 @@ fn pointwise(
     Ok(Pointwise {
         weight: w.reshape((c_out, c_in))?,
         bias: b.reshape((1, c_out, 1))?,
+        product: None,
     })
 }
 
@@ -586,6 +605,19 @@ impl EfficientNetLite {
 impl SemanticTarget for EfficientNetLite {
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The 1x1 convolutions (most of the model's arithmetic) run at `precision`: candle's f32
+    /// matmul for [`Precision::F32`] (the default), psic's product kernels otherwise.
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.head.set_precision(precision)?;
+        for block in &mut self.blocks {
+            if let Some(e) = &mut block.expand {
+                e.set_precision(precision)?;
+            }
+            block.project.set_precision(precision)?;
+        }
+        Ok(())
     }
 
     /// Shorter side to `round(R·256/224)` (antialiased bicubic, skipped when already that size),

@@ -109,6 +109,12 @@ pub trait SemanticTarget: Send + Sync + std::fmt::Debug {
         Ok((self.embed_images(input)?, Vec::new()))
     }
 
+    /// Runs the model's own matrix products at `precision` where it can (a training run's
+    /// `precision`; evaluation keeps f32). The default ignores it.
+    fn set_precision(&mut self, _precision: crate::Precision) -> Result<()> {
+        Ok(())
+    }
+
     /// Class scores `[B, K]` of preprocessed input.
     fn logits(&self, input: &Tensor) -> Result<Tensor> {
         self.logits_from_embeddings(&self.embed_images(input)?)

@@ -102,10 +102,12 @@ pub struct TrainConfig {
     /// Device (`auto`, `cpu`, `cuda` or `metal`; the CLI's `--device` overrides it).
     #[serde(default)]
     pub device: Option<crate::DeviceKind>,
-    /// Precision of the backbone's CPU convolutions while training (`f32` or `bf16`; unset:
-    /// [`Precision::auto`](crate::Precision::auto), i.e. `PSIC_PRECISION` or f32). bf16 runs
-    /// as f32 on CPUs without AVX512-BF16; where it has them, a step of `configs/v20-stage1.toml`
-    /// took about 0.84x the f32 time (docs/PERFORMANCE.md). Weights stay f32 either way.
+    /// Precision of the CPU matrix products while training: the backbone's convolutions, the
+    /// trigger generator's and the target's own ([`SemanticTarget::set_precision`]); `f32` or
+    /// `bf16` (unset: [`Precision::auto`](crate::Precision::auto), i.e. `PSIC_PRECISION` or
+    /// f32, for the backbone alone). bf16 runs as f32 on CPUs without AVX512-BF16; where it has
+    /// them, a step of `configs/v20-stage1.toml` took about 0.77x the f32 time
+    /// (docs/PERFORMANCE.md). Weights stay f32 either way.
     #[serde(default)]
     pub precision: Option<crate::Precision>,
     /// Shielding settings (stages 1 and 2).
@@ -776,7 +778,7 @@ impl Trainer {
             backbone.set_transform_precision(p)?;
         }
         let conditions = Conditions::default();
-        let generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
+        let mut generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
             (Architecture::PsicHy2018(c), _) if cfg.stage.shields() => Some(Box::new(
                 crate::backbone::PsicHy2018::load_cltg(vb.clone(), c)?,
             )),
@@ -791,6 +793,9 @@ impl Trainer {
             }
             _ => None,
         };
+        if let (Some(g), Some(p)) = (&mut generator, cfg.precision) {
+            g.set_precision(p)?;
+        }
         let mut named: Vec<(String, Var)> = varmap
             .data()
             .lock()
@@ -813,13 +818,16 @@ impl Trainer {
                 .into_iter()
                 .partition(|(k, _)| k.ends_with("quantiles"))
         };
-        let target = match (&cfg.shield, target) {
+        let mut target = match (&cfg.shield, target) {
             (_, Some(t)) if cfg.stage.shields() => Some(t),
             (Some(s), None) if cfg.stage.shields() => {
                 Some(load_target(&s.target, &s.weights, device)?)
             }
             _ => None,
         };
+        if let (Some(t), Some(p)) = (&mut target, cfg.precision) {
+            t.set_precision(p)?;
+        }
         let folder = crate::data::ImageFolder::open(&cfg.data)?;
         let sampler = training_sampler(&cfg, &folder)?;
         let validation = if cfg.validate_every > 0 {
