@@ -164,6 +164,8 @@ impl Codec {
                 points
             )));
         }
+        let mut generator = generator;
+        generator.set_precision(self.backbone.transform_precision())?;
         self.shield = Some(Shield::new(generator, conditions)?);
         Ok(self)
     }
@@ -340,7 +342,8 @@ impl Codec {
 
     /// Sets the precision of the analysis and synthesis convolutions on the CPU
     /// ([`LicBackbone::set_transform_precision`]; bf16 runs as f32 on CPUs without
-    /// AVX512-BF16).
+    /// AVX512-BF16), and of a shield's trigger generator
+    /// ([`TriggerGenerator::set_precision`]; a generator added later takes it too).
     ///
     /// Streams are compatible across precisions: the hyper-synthesis, which decides the
     /// entropy tables, always runs in f32, so any stream decodes to the same `y_hat` at either
@@ -349,6 +352,13 @@ impl Codec {
     /// (whose transforms are f32) need [`Precision::F32`].
     pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         self.backbone.set_transform_precision(precision)?;
+        if let Some(shield) = self.shield.take() {
+            // The trigger generator's own convolutions (adaptive triggers) follow, and the
+            // triggers computed once are computed again with them.
+            let mut generator = shield.generator;
+            generator.set_precision(precision)?;
+            self.shield = Some(Shield::new(generator, shield.conditions)?);
+        }
         Ok(self)
     }
 

@@ -161,9 +161,9 @@ pub trait TriggerGenerator: Send + Sync + std::fmt::Debug {
     fn triggers_for_betas(&self, betas: &Tensor) -> Result<Triggers>;
 
     /// Runs the generator's own CPU convolutions (the adaptive triggers' kernels) at
-    /// `precision`, as a training run's `precision` asks; call it before taking triggers. The
-    /// default (for generators without convolutions) ignores it. [`Codec`](crate::Codec)
-    /// leaves generators in f32.
+    /// `precision`, as a training run's `precision` or
+    /// [`Codec::with_precision`](crate::Codec::with_precision) asks; call it before taking
+    /// triggers. The default (for generators without convolutions) ignores it.
     fn set_precision(&mut self, _precision: crate::Precision) -> Result<()> {
         Ok(())
     }

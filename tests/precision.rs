@@ -110,3 +110,29 @@ fn precision_follows_the_cpu_and_the_request() {
     };
     assert_eq!(codec(Precision::Bf16).precision(), expect);
 }
+
+/// `with_precision` also reaches the shield's trigger generator and recomputes the triggers it
+/// keeps: a codec taken to bf16 and back decodes (shielded and full) exactly as a fresh f32
+/// codec, and at bf16 its shielded decode differs from f32's only by bf16 rounding.
+#[test]
+fn the_shield_follows_the_precision_both_ways() {
+    let img = image();
+    let fresh = codec(Precision::F32);
+    let bytes = fresh.encode(&img).unwrap();
+    let there = codec(Precision::Bf16Emulated);
+    let low = there.decode(&bytes).unwrap();
+    let back = there.with_precision(Precision::F32).unwrap();
+    assert_eq!(back.decode(&bytes).unwrap(), fresh.decode(&bytes).unwrap());
+    assert_eq!(
+        back.decode_full(&bytes, &psic::shield::Condition::FULL)
+            .unwrap(),
+        fresh
+            .decode_full(&bytes, &psic::shield::Condition::FULL)
+            .unwrap()
+    );
+    let apart = psnr(&fresh.decode(&bytes).unwrap(), &low);
+    assert!(
+        apart.is_finite() && apart > 40.0,
+        "shielded f32 vs bf16: {apart:.1} dB"
+    );
+}
