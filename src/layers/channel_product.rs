@@ -95,7 +95,15 @@ impl ChannelProduct {
     ) {
         let (out, inp) = self.out_in();
         let width = cols.end - cols.start;
+        assert!(cols.end <= n && x.len() == b * inp * n && self.weight.len() == out * inp);
+        if width == 0 {
+            return;
+        }
         for i in 0..b {
+            // SAFETY: batch item i's rows start at i·out·n in `dst` (b·out·n values, the
+            // caller's promise) and at i·inp·n in `x` (asserted), and `cols` lies inside a row;
+            // the weight holds out·inp values (asserted) read at the strides `lhs_strides`
+            // gives, and only this thread writes these columns.
             let d = dst.add(i * out * n + cols.start);
             let xs = x.as_ptr().add(i * inp * n + cols.start);
             let w = self.weight.as_ptr();
@@ -112,6 +120,8 @@ impl ChannelProduct {
             );
             if let Some(bias) = &self.bias {
                 for (r, &v) in bias.iter().enumerate() {
+                    // SAFETY: row r < out of item i, columns `cols`: inside `dst` and this
+                    // thread's alone (no other reference to them exists meanwhile).
                     std::slice::from_raw_parts_mut(d.add(r * n), width)
                         .iter_mut()
                         .for_each(|y| *y += v);
@@ -187,6 +197,13 @@ mod tests {
             .collect()
     }
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .and_then(|a| a.max_all())
+            .and_then(|m| m.to_scalar::<f32>())
+            .unwrap()
+    }
+
     /// The op's forward pass and input gradient against candle's matmul, in f32 and (with the
     /// emulation's operand rounding, so within bf16 tolerance) in bf16.
     #[test]
@@ -221,21 +238,7 @@ mod tests {
             let dx = y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
             let dx = dx.get(x.as_tensor()).unwrap();
             for (got, want) in [(&y, &reference), (dx, ref_dx)] {
-                let err = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let (err, scale) = (max_abs(&(got - want).unwrap()), max_abs(want));
                 assert!(
                     err <= tol * scale,
                     "{precision}: max error {err} (scale {scale})"
