@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::precision::{Kernel, Precision};
-use crate::tensor_util::contiguous_f32;
+use crate::tensor_util::{contiguous_f32, on_ranges};
 
 /// `W · x (+ bias)` (or `Wᵀ · x` for the input gradient) as a candle op on `[B, C, N]` f32
 /// CPU tensors.
@@ -139,6 +139,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CustomOp1 for ChannelProduct {
     fn name(&self) -> &'static str {
         "psic-channel-product"
@@ -153,23 +160,12 @@ impl CustomOp1 for ChannelProduct {
         let x = contiguous_f32(s, l, "channel product: input")?;
         let mut y = vec![0f32; b * out * n];
         let dst = Shared(y.as_mut_ptr());
-        let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
         // Whole 64-column strips per thread (the bf16 kernel's tile width).
-        let strips = n.div_ceil(64);
-        let range =
-            |t: usize| (t * strips / threads * 64).min(n)..((t + 1) * strips / threads * 64).min(n);
-        std::thread::scope(|scope| {
-            let x = &x;
-            let work = move |t: usize| {
-                let dst = dst;
-                // SAFETY: `y` holds b·out·n values and `x` b·inp·n (checked above); thread t
-                // writes only the columns range(t), disjoint from the other threads'.
-                unsafe { self.columns(dst.0, x, (b, n), range(t)) }
-            };
-            for t in 1..threads {
-                scope.spawn(move || work(t));
-            }
-            work(0);
+        on_ranges(n.div_ceil(64), |strips| {
+            let cols = strips.start * 64..(strips.end * 64).min(n);
+            // SAFETY: `y` holds b·out·n values and `x` b·inp·n (checked above); each thread
+            // writes only its own strips' columns, disjoint from the other threads'.
+            unsafe { self.columns(dst.ptr(), x, (b, n), cols) }
         });
         Ok((CpuStorage::F32(y), Shape::from((b, out, n))))
     }

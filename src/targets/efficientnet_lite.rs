@@ -330,10 +330,9 @@ impl Pointwise {
     /// Chooses the implementation for `precision` (f32, or weights off the CPU: candle's).
     fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let psic_op = precision != Precision::F32 && self.weight.device().is_cpu();
-        self.product = match psic_op {
-            true => Some(ChannelProduct::new(&self.weight, &self.bias, precision)?),
-            false => None,
-        };
+        self.product = psic_op
+            .then(|| ChannelProduct::new(&self.weight, &self.bias, precision))
+            .transpose()?;
         Ok(())
     }
 }
