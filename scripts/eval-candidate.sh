@@ -6,7 +6,8 @@
 # and at 1.5x with every purification (what a published photo meets; a test set). Lite1 is a
 # probe: reported, never used to choose.
 # Usage: bash scripts/eval-candidate.sh MODEL OUT_DIR [STRENGTH]
-#   PSIC (default target/release/psic, a build with the eval feature) runs the commands.
+#   PSIC (default target/release/psic, a build with the eval feature) runs the commands;
+#   KODAK=0 skips the two Kodak reports (the rule does not read them; about half the time).
 # Writes OUT_DIR/split, OUT_DIR/photos-x2, OUT_DIR/kodak, OUT_DIR/kodak-x1.5 (psic eval reports),
 # then prints the selection rule's verdict on the split (scripts/select_model.py).
 set -euo pipefail
@@ -26,8 +27,10 @@ mkdir -p "$out"
   --out "$out/split" --title "candidate on the selection split"
 "$psic" eval "${common[@]}" --data ../shared/data/photos --split eval -n 60 --scale 2 \
   --no-purify --jpeg none --out "$out/photos-x2" --title "candidate on held-out photos enlarged 2x"
-"$psic" eval "${common[@]}" --data ../shared/data/kodak --out "$out/kodak" \
-  --title "candidate on Kodak"
-"$psic" eval "${common[@]}" --data ../shared/data/kodak --scale 1.5 --out "$out/kodak-x1.5" \
-  --title "candidate on Kodak resized by 1.5"
+if [ "${KODAK:-1}" != 0 ]; then
+  "$psic" eval "${common[@]}" --data ../shared/data/kodak --out "$out/kodak" \
+    --title "candidate on Kodak"
+  "$psic" eval "${common[@]}" --data ../shared/data/kodak --scale 1.5 --out "$out/kodak-x1.5" \
+    --title "candidate on Kodak resized by 1.5"
+fi
 python3 scripts/select_model.py "$out/split" || true
