@@ -11,9 +11,10 @@ use image::{Rgb, RgbImage};
 
 use crate::Result;
 
-/// Distinct series colours (matplotlib's "tab10" order), for callers without a preference;
-/// [`BarChart`] colours its series with them.
-pub const PALETTE: [Rgb<u8>; 10] = [
+/// Distinct series colours (matplotlib's "tab10" order, then six darker or brighter ones so that
+/// charts of up to 16 series, such as the trade-off chart across runs, repeat no colour), for
+/// callers without a preference; [`BarChart`] colours its series with them.
+pub const PALETTE: [Rgb<u8>; 16] = [
     Rgb([31, 119, 180]),
     Rgb([255, 127, 14]),
     Rgb([44, 160, 44]),
@@ -24,6 +25,12 @@ pub const PALETTE: [Rgb<u8>; 10] = [
     Rgb([127, 127, 127]),
     Rgb([188, 189, 34]),
     Rgb([23, 190, 207]),
+    Rgb([0, 0, 128]),
+    Rgb([128, 128, 0]),
+    Rgb([0, 128, 128]),
+    Rgb([128, 0, 0]),
+    Rgb([255, 215, 0]),
+    Rgb([255, 0, 255]),
 ];
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
