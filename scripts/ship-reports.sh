@@ -24,7 +24,7 @@ for s in split photos-x2 kodak kodak-x1.5; do
   [ -f "$cand/$s/report.json" ] || { echo "no $cand/$s/report.json (run eval-candidate.sh with Kodak)" >&2; exit 1; }
 done
 fp=$("$psic" info -m "$model" | sed -n 's/.*fingerprint \([0-9a-f]*\).*/\1/p')
-grep -q "$fp" "$cand/split/report.md" || { echo "$cand was not made from $model ($fp)" >&2; exit 1; }
+[ -n "$fp" ] && grep -q "$fp" "$cand/split/report.md" || { echo "$cand was not made from $model ($fp)" >&2; exit 1; }
 defaults=$(cd $r && ls -d *-default *-default-* 2>/dev/null)
 for d in $defaults; do
   to=${d/-default/-$old}
