@@ -10,6 +10,9 @@
 //! | `architecture` | e.g. `bmshj2018-hyperprior` |
 //! | `config` | the architecture's configuration as JSON, e.g. `{"n":128,"m":192}` |
 //!
+//! The file's bytes depend only on its content (metadata keys sorted, tensors in safetensors'
+//! order), so writing the same model twice gives the same checksum.
+//!
 //! Tensors keep CompressAI's names. The model's *fingerprint*, written into every bitstream, is
 //! the first 16 bytes of a SHA-256 over the architecture, the configuration and every tensor
 //! (name, dtype, shape, bytes) in name order, except the generic trigger generator (`cltg.*`)
@@ -781,16 +784,49 @@ impl ModelFile {
         meta.insert("psic.model_version".into(), MODEL_VERSION.into());
         meta.insert("architecture".into(), self.architecture.name().into());
         meta.insert("config".into(), self.architecture.config_json().to_string());
-        let mut sorted: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(b.0));
-        safetensors::serialize(sorted, Some(meta))
-            .map_err(|e| Error::Model(format!("cannot serialise model: {e}")))
+        serialize_safetensors("model", self.tensors.iter(), meta)
     }
 
     /// Writes the model file atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         crate::image_io::write_atomic(path, &self.to_bytes()?)
     }
+}
+
+/// Serialises tensors and metadata as a safetensors file whose bytes depend only on its content.
+/// `safetensors::serialize` orders the tensors by alignment and name but writes the metadata in
+/// the iteration order of its `HashMap`, which differs from process to process; here the header
+/// is rewritten with the metadata keys sorted, so exporting the same weights twice gives the same
+/// file (and checksum). `what` names the file kind in the error. Model files and checkpoints.
+pub(crate) fn serialize_safetensors<'a, S>(
+    what: &str,
+    tensors: impl IntoIterator<Item = (S, &'a Tensor)>,
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+{
+    /// A header entry: the metadata (all strings) or a tensor's dtype, shape and offsets.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Metadata(BTreeMap<String, String>),
+        Tensor(serde_json::Value),
+    }
+    let fail = |e: &dyn std::fmt::Display| Error::Model(format!("cannot serialise {what}: {e}"));
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| fail(&e))?;
+    let (len, rest) = bytes.split_at(8);
+    let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+    let (header, data) = rest.split_at(len);
+    let header: BTreeMap<String, Entry> = serde_json::from_slice(header).map_err(|e| fail(&e))?;
+    let mut header = serde_json::to_string(&header).map_err(|e| fail(&e))?;
+    // The data starts 8-byte aligned, as safetensors writes it.
+    header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
 /// The raw little-endian bytes of a tensor in its own dtype.

@@ -52,6 +52,32 @@ fn without_gaussian_tables(mut model: ModelFile, scales: Vec<f32>) -> ModelFile 
 /// Issue 17, item 1: 64 scales around 5300 and no stored tables made loading rebuild 64 tables
 /// of 64,757 symbols with CompressAI's quadratic stealing pass (minutes). Now the rebuild is
 /// refused before any table is computed.
+/// A model file's bytes depend only on its content: `safetensors` writes metadata in a
+/// `HashMap`'s order, which differs between maps and processes, so psic writes the keys sorted
+/// and two exports of the same weights have the same checksum.
+#[test]
+fn model_files_are_byte_deterministic() {
+    let model = tiny_model(3);
+    let first = model.to_bytes().unwrap();
+    for _ in 0..8 {
+        assert!(model.to_bytes().unwrap() == first, "two writes differ");
+    }
+    let reloaded = reload(&model).to_bytes().unwrap();
+    assert!(reloaded == first, "a reloaded model writes other bytes");
+    let len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&first[8..8 + len]).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+    let mut keys: Vec<&String> = meta.metadata().as_ref().unwrap().keys().collect();
+    assert!(keys.len() >= 4, "{keys:?}");
+    keys.sort();
+    let at: Vec<usize> = keys
+        .iter()
+        .map(|k| header.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{keys:?} at {at:?}");
+    assert_eq!((8 + len) % 8, 0, "the tensor data starts 8-byte aligned");
+}
+
 #[test]
 fn wide_scale_table_without_tables_is_refused() {
     let scales: Vec<f32> = (0..64).map(|i| 5300.0 + i as f32).collect();

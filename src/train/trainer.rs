@@ -1285,7 +1285,6 @@ impl Trainer {
         if let Some(levels) = &self.rate_levels {
             tensors.push((GAINS_TENSOR.into(), levels.gains_tensor()?));
         }
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = HashMap::from([
             ("format".to_string(), "psic-train-checkpoint".to_string()),
             (
@@ -1308,9 +1307,11 @@ impl Trainer {
         if let Some(levels) = &self.rate_levels {
             meta.extend(levels.metadata());
         }
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-                .map_err(|e| Error::Model(format!("cannot serialise checkpoint: {e}")))?;
+        let bytes = crate::model::serialize_safetensors(
+            "checkpoint",
+            tensors.iter().map(|(k, t)| (k.as_str(), t)),
+            meta,
+        )?;
         crate::image_io::write_atomic(path, &bytes)
     }
 
