@@ -441,18 +441,49 @@ impl Codec {
 
     /// Compresses an 8-bit RGB image of any size into a psic bitstream.
     pub fn encode(&self, img: &RgbImage) -> Result<Vec<u8>> {
-        let (w, h) = img.dimensions();
-        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+        let y = self.analyse(img)?;
+        self.encode_latent(img.width(), img.height(), &y)
+    }
+
+    /// The padded size (width, height; multiples of the backbone's alignment) of a
+    /// `width`x`height` image, after checking the size against the codec's limits.
+    pub fn padded_size(&self, width: u32, height: u32) -> Result<(usize, usize)> {
+        if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
             return Err(Error::Image(format!(
-                "image size {w}x{h} outside 1..={MAX_SIDE} pixels per side"
+                "image size {width}x{height} outside 1..={MAX_SIDE} pixels per side"
             )));
         }
-        self.check_pixels(w as u64, h as u64)?;
+        self.check_pixels(width as u64, height as u64)?;
+        let align = self.backbone.alignment() as u32;
+        let pad = |v: u32| (v + (align - v % align) % align) as usize;
+        Ok((pad(width), pad(height)))
+    }
+
+    /// The latent `y = g_a(x)` an encode starts from: `[1, M, H/s, W/s]` of the image padded
+    /// to [`padded_size`](Self::padded_size) by repeating its edges (`s` the latent stride).
+    pub fn analyse(&self, img: &RgbImage) -> Result<Tensor> {
+        let padded = self.padded_size(img.width(), img.height())?;
+        crate::tiles::analyse(self.backbone.as_ref(), img, padded, self.tile_pixels)
+    }
+
+    /// Compresses the latent `y` of a `width`x`height` image (shaped as
+    /// [`analyse`](Self::analyse) gives it) at the codec's level: `z = h_a(y)`, then both
+    /// quantised and entropy-coded. For encoders that choose `y` themselves, e.g. by refining
+    /// it against the decoder (`psic::train::refine`); the decoder needs nothing to know.
+    pub fn encode_latent(&self, width: u32, height: u32, y: &Tensor) -> Result<Vec<u8>> {
+        let (w, h) = (width, height);
+        let (pw, ph) = self.padded_size(w, h)?;
         let b = self.backbone.as_ref();
-        let align = b.alignment() as u32;
-        let (pad_w, pad_h) = ((align - w % align) % align, (align - h % align) % align);
-        let padded = ((w + pad_w) as usize, (h + pad_h) as usize);
-        let y = crate::tiles::analyse(b, img, padded, self.tile_pixels)?;
+        let stride = b.latent_stride();
+        let want = [1, b.latent_channels(), ph / stride, pw / stride];
+        if y.dims() != want {
+            return Err(Error::InvalidArgument(format!(
+                "a latent of shape {:?} does not fit a {w}x{h} image (expected {want:?})",
+                y.dims()
+            )));
+        }
+        let (pad_w, pad_h) = (pw as u32 - w, ph as u32 - h);
+        let y = y.to_device(b.device())?;
         let z = b.hyper_analysis(&y)?;
         let eb = b.entropy_bottleneck();
         let z_strings = eb.compress(&z, self.coder.as_ref())?;

@@ -301,6 +301,21 @@ pub fn evaluate_with_probes(
     target: Option<&dyn SemanticTarget>,
     probes: &[Probe],
     cfg: &EvalConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    let encode = |img: &RgbImage| codec.encode(img);
+    evaluate_with_encoder(codec, &encode, images, target, probes, cfg, progress)
+}
+
+/// [`evaluate_with_probes`] with the streams made by `encode` instead of [`Codec::encode`]
+/// (e.g. a refining encoder, `psic::train::refine`): any encoder of streams `codec` decodes.
+pub fn evaluate_with_encoder(
+    codec: &Codec,
+    encode: &dyn Fn(&RgbImage) -> Result<Vec<u8>>,
+    images: &[EvalImage],
+    target: Option<&dyn SemanticTarget>,
+    probes: &[Probe],
+    cfg: &EvalConfig,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Report> {
     let conditions = codec.conditions();
@@ -320,7 +335,7 @@ pub fn evaluate_with_probes(
     for (i, item) in images.iter().enumerate() {
         let img = &item.image;
         let t = Instant::now();
-        let bytes = codec.encode(img)?;
+        let bytes = encode(img)?;
         let encode_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let latent = codec.decode_latent(&bytes)?;

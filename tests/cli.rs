@@ -751,6 +751,25 @@ fn rates_adds_levels_and_encode_q_picks_one() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&bin, &["info", "-i", &p("d.psic")]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("v3, level 1"));
+    // A refined encode is an ordinary stream of the level; a model without a λ is refused.
+    let o = run(
+        &bin,
+        &[&plain[..], &["-o", &p("r.psic"), "--refine", "3"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&bin, &["info", "-i", &p("r.psic")]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v3, level 1"));
+    let dec = ["decode", "-m", &p("lv.safetensors"), "-i", &p("r.psic")];
+    let o = run(&bin, &[&dec[..], &["-o", &p("r.png")]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let no_lambda = ["encode", "-m", &p("m.safetensors"), "-i", &p("in.png")];
+    let o = run(
+        &bin,
+        &[&no_lambda[..], &["-o", &p("n.psic"), "--refine", "2"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("λ"), "{}", stderr(&o));
+    assert!(!dir.join("n.psic").exists());
     // export --from-model moves the default; a level the model lacks is an error.
     let export = ["export", "--from-model", "-i", &p("lv.safetensors"), "-o"];
     let o = run(

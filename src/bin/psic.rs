@@ -155,6 +155,53 @@ struct EncodeArgs {
     level: LevelOpt,
     #[command(flatten)]
     device: DeviceOpt,
+    #[command(flatten)]
+    refine: RefineOpt,
+}
+
+/// An image encoder: the codec's own, or a refining one ([`RefineOpt::encoder`]).
+type Encoder<'a> = Box<dyn Fn(&RgbImage) -> Result<Vec<u8>> + 'a>;
+
+/// `--refine` of the commands that encode (an empty option set without feature `train`).
+#[derive(Debug, clap::Args)]
+struct RefineOpt {
+    /// Refine each latent with N gradient steps against the decoder before coding it: a slower
+    /// encoder (each step costs about a training step on the whole image) whose streams any
+    /// psic decoder reads (`psic::train::refine`, docs/MODELS.md "Encoder effort").
+    #[cfg(feature = "train")]
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    refine: usize,
+    /// Adam's learning rate of --refine.
+    #[cfg(feature = "train")]
+    #[arg(long, value_name = "LR", default_value_t = psic::train::refine::RefineConfig::default().lr)]
+    refine_lr: f64,
+}
+
+impl RefineOpt {
+    /// The encoder these options ask for: `codec.encode`, or the refining encoder of `model`
+    /// (which `codec` was built from); `progress` sees each refinement's steps.
+    fn encoder<'a>(
+        &'a self,
+        model: &'a ModelFile,
+        codec: &'a Codec,
+        progress: &'a dyn Fn(usize, usize, f64, f64),
+    ) -> Encoder<'a> {
+        #[cfg(feature = "train")]
+        if self.refine > 0 {
+            let cfg = psic::train::refine::RefineConfig {
+                steps: self.refine,
+                lr: self.refine_lr,
+                ..Default::default()
+            };
+            return Box::new(move |img| {
+                psic::train::refine::encode_refined(model, codec, img, &cfg, |i, st| {
+                    progress(i, cfg.steps, st.loss, st.psnr)
+                })
+            });
+        }
+        let _ = (model, progress);
+        Box::new(|img| codec.encode(img))
+    }
 }
 
 /// Decompress a psic stream (shielded by default, --full for the full decode).
@@ -381,6 +428,8 @@ struct EvalArgs {
     strength: StrengthOpt,
     #[command(flatten)]
     device: DeviceOpt,
+    #[command(flatten)]
+    refine: RefineOpt,
 }
 
 /// Chart the shield trade-off across evaluated runs.
@@ -688,6 +737,14 @@ fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
     write_atomic(path, &encode_image(img, ImageFormat::Png, 100)?)
 }
 
+/// The model file at `model`, or the embedded default model when it is not given.
+fn load_model_file(model: Option<&Path>, device: &Device) -> Result<ModelFile> {
+    match model {
+        Some(path) => ModelFile::load(path, device),
+        None => default_model_file(device),
+    }
+}
+
 /// The codec of `model`, or the embedded default model when it is not given.
 fn load_codec(model: Option<&Path>, device: &Device) -> Result<Codec> {
     match model {
@@ -832,7 +889,8 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
     check_binary_stdout(&a.output)?;
     let device = a.device.device.device()?;
     let t = Instant::now();
-    let codec = a.level.apply(load_codec(a.model.as_deref(), &device)?)?;
+    let model = load_model_file(a.model.as_deref(), &device)?;
+    let codec = a.level.apply(Codec::from_model_file(&model, &device)?)?;
     let load_s = t.elapsed().as_secs_f64();
     let img = if is_std(&a.input) {
         let limit = image_file_limit(codec.max_pixels());
@@ -842,7 +900,13 @@ fn encode(a: EncodeArgs, ui: &Ui) -> Result<()> {
         load_image_limited(&a.input, codec.max_pixels())?
     };
     let t = Instant::now();
-    let bytes = codec.encode(&img)?;
+    let bar = std::cell::RefCell::new(ui.progress("refine"));
+    let show = |i: usize, n: usize, loss: f64, psnr: f64| {
+        bar.borrow_mut()
+            .update(i, n, &format!(" | loss {loss:.4} psnr {psnr:.2}"))
+    };
+    let bytes = a.refine.encoder(&model, &codec, &show)(&img)?;
+    bar.borrow_mut().break_line();
     let enc_s = t.elapsed().as_secs_f64();
     write_output(&a.output, &bytes)?;
     ui.status(format_args!(
@@ -1380,9 +1444,10 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         SplitArg::All => None,
         SplitArg::Eval => Some((psic::data::Split::Eval, a.eval_percent)),
     };
+    let model = load_model_file(a.model.as_deref(), &device)?;
     let codec = a
         .strength
-        .apply(a.level.apply(load_codec(a.model.as_deref(), &device)?)?)?;
+        .apply(a.level.apply(Codec::from_model_file(&model, &device)?)?)?;
     let target = match (&a.target, &a.weights) {
         (Some(t), Some(w)) => Some(psic::targets::load_target(&t.as_str().into(), w, &device)?),
         _ => None,
@@ -1439,8 +1504,11 @@ fn eval(a: EvalArgs, ui: &Ui) -> Result<()> {
         images = psic::eval::rescale_images(images, f, codec.max_pixels())?;
     }
     let mut bar = ui.progress("eval");
-    let report = psic::eval::evaluate_with_probes(
+    let quiet = |_: usize, _: usize, _: f64, _: f64| {};
+    let encode = a.refine.encoder(&model, &codec, &quiet);
+    let report = psic::eval::evaluate_with_encoder(
         &codec,
+        encode.as_ref(),
         &images,
         target.as_deref(),
         &probe_refs,

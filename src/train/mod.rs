@@ -7,13 +7,15 @@
 //! - [`AdaptiveWeighting`]: inverse-loss weighting of several terms;
 //! - [`Adam`]: Adam with gradient clipping and exactly resumable state;
 //! - [`Trainer`] and [`TrainConfig`]: the three stages, checkpoints, validation;
-//! - [`rates`]: fitting the channel gains of quality levels ([`crate::rate`]) on a frozen model.
+//! - [`rates`]: fitting the channel gains of quality levels ([`crate::rate`]) on a frozen model;
+//! - [`refine`]: encoder-side refinement of an image's latent (a slower, better encoder).
 
 mod adam;
 pub mod augment;
 pub mod msssim;
 pub mod purify;
 pub mod rates;
+pub mod refine;
 mod trainer;
 pub mod uaeo;
 mod weighting;

@@ -87,7 +87,10 @@ pub fn training_crops(
 
 /// The trainable copy of a model's backbone (weights as variables, so that gradients flow
 /// through its layers; nothing updates them here).
-fn trainable_backbone(model: &ModelFile, device: &Device) -> Result<Box<dyn LicBackbone>> {
+pub(super) fn trainable_backbone(
+    model: &ModelFile,
+    device: &Device,
+) -> Result<Box<dyn LicBackbone>> {
     let varmap = VarMap::new();
     {
         let mut data = varmap.data().lock().expect("VarMap lock");
