@@ -15,7 +15,8 @@
 //! - [`codec`]: [`Codec`], which ties them together;
 //! - [`shield`]: conditions and the CLTG trigger generator;
 //! - [`targets`]: the semantic models a shield is trained and measured against;
-//! - `train`: the three training stages (cargo feature `train`);
+//! - `train`: the three training stages, quality-level fitting and the refining encoder
+//!   (`train::refine`: a slower encoder whose streams any decoder reads; cargo feature `train`);
 //! - [`zoo`]: the default model that ships with psic;
 //! - [`metrics`]: PSNR and MS-SSIM; `eval`, `baseline`, `plot` (cargo feature `eval`): the
 //!   evaluation harness, the JPEG baseline and the charts of the evaluation.

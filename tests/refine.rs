@@ -83,6 +83,12 @@ fn refinement_refuses_a_foreign_model_or_a_bad_setting() {
     };
     let err = refine_latent(&model, &codec, &img, &bad, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("learning rate"), "{err}");
+    let small = RefineConfig {
+        max_pixels: 128 * 95,
+        ..Default::default()
+    };
+    let err = refine_latent(&model, &codec, &img, &small, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("over its limit"), "{err}");
 }
 
 #[test]

@@ -38,6 +38,9 @@ pub struct RefineConfig {
     pub lr: f64,
     /// The λ of `bpp + λ·255²·MSE`; `None`: the λ the model records for the codec's level.
     pub lambda: Option<f64>,
+    /// The largest image refined, in pixels: a step holds the whole image's training graph
+    /// (about 0.6 GB a megapixel for the default model), so larger images are refused.
+    pub max_pixels: u64,
 }
 
 impl Default for RefineConfig {
@@ -46,6 +49,7 @@ impl Default for RefineConfig {
             steps: 150,
             lr: 0.003,
             lambda: None,
+            max_pixels: 1 << 22,
         }
     }
 }
@@ -131,6 +135,15 @@ impl Problem {
             return Err(Error::InvalidArgument(format!(
                 "refinement learning rate {} is not positive",
                 cfg.lr
+            )));
+        }
+        let pixels = u64::from(img.width()) * u64::from(img.height());
+        if pixels > cfg.max_pixels {
+            return Err(Error::InvalidArgument(format!(
+                "refinement holds the whole image in memory: {}x{} is over its limit of {} pixels",
+                img.width(),
+                img.height(),
+                cfg.max_pixels
             )));
         }
         let levels = codec.rate_levels();
