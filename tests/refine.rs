@@ -102,6 +102,13 @@ fn a_latent_of_the_wrong_shape_is_a_typed_error() {
     assert!(err.to_string().contains("does not fit"), "{err}");
     let err = codec.encode_latent(0, img.height(), &y).unwrap_err();
     assert!(matches!(err, Error::Image(_)), "{err}");
+    // Non-finite or huge latents: an error or a stream that decodes, never a panic.
+    for v in [f32::NAN, f32::INFINITY, -1e30, 1e30] {
+        let bad = (y.ones_like().unwrap() * f64::from(v)).unwrap();
+        if let Ok(bytes) = codec.encode_latent(img.width(), img.height(), &bad) {
+            let _ = codec.decode(&bytes);
+        }
+    }
 }
 
 fn common_tiny_codec() -> Codec {
