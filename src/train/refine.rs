@@ -69,8 +69,8 @@ pub struct RefineStep {
 /// moves.
 struct Problem {
     synth: Box<dyn LicBackbone>,
+    /// The image itself, `[1, 3, H, W]` (the loss ignores the padding).
     x: Tensor,
-    size: (usize, usize),
     gains: Option<Tensor>,
     lambda: f64,
 }
@@ -162,13 +162,9 @@ impl Problem {
             Some(g) => Some(Tensor::new(g, &device)?.reshape((1, g.len(), 1, 1))?),
             None => None,
         };
-        let (pw, _) = codec.padded_size(img.width(), img.height())?;
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let x = crate::tiles::padded_rows(img, 0..h, pw, &device)?;
         Ok(Self {
             synth: super::rates::trainable_backbone(model, &device)?,
-            x,
-            size: (w, h),
+            x: crate::image_io::image_to_tensor(img, &device)?,
             gains,
             lambda,
         })
@@ -199,13 +195,12 @@ impl Problem {
             Some(mu) => (centred_hat + mu)?,
             None => centred_hat,
         };
-        let (w, h) = self.size;
+        let (_, _, h, w) = self.x.dims4()?;
         let x_hat = b
             .synthesis(&y_hat, None)?
             .narrow(2, 0, h)?
             .narrow(3, 0, w)?;
-        let x = self.x.narrow(3, 0, w)?;
-        let mse = (&x_hat - &x)?.sqr()?.mean_all()?;
+        let mse = (&x_hat - &self.x)?.sqr()?.mean_all()?;
         let bpp = bits_per_pixel(&y_lik, &z_lik, w * h)?;
         let loss = (&bpp + (&mse * (self.lambda * 255.0 * 255.0))?)?;
         let mse_f = f64::from(mse.to_scalar::<f32>()?);
