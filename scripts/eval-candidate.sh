@@ -18,9 +18,8 @@ strength=${3:-}
 psic=${PSIC:-target/release/psic}
 [ -f "$model" ] || { echo "no model file $model" >&2; exit 1; }
 [ -x "$psic" ] || { echo "no psic binary at $psic (cargo build --release)" >&2; exit 1; }
-common=(-m "$model" --target efficientnet-lite
-  --weights ../shared/models/efficientnet-lite0.safetensors
-  --probes efficientnet-lite:../shared/models/efficientnet-lite1.safetensors)
+source scripts/eval-lib.sh
+common=(-m "$model" "${TARGET_ARGS[@]}")
 [ -n "$strength" ] && common+=(--strength "$strength")
 mkdir -p "$out"
 "$psic" eval "${common[@]}" --data ../shared/data/imagenet-val256 --split eval \

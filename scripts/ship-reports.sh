@@ -36,8 +36,8 @@ cp "$cand"/split/* $r/imagenet-eval-default/
 cp "$cand"/photos-x2/* $r/photos-eval-default-x2/
 cp "$cand"/kodak/* $r/kodak-default/
 cp "$cand"/kodak-x1.5/* $r/kodak-default-x1.5/
-T=(--target efficientnet-lite --weights ../shared/models/efficientnet-lite0.safetensors
-  --probes efficientnet-lite:../shared/models/efficientnet-lite1.safetensors)
+source scripts/eval-lib.sh
+T=("${TARGET_ARGS[@]}")
 for q in 0 1 3; do
   "$psic" eval -m "$model" --level $q --data ../shared/data/kodak "${T[@]}" --no-purify --out $r/kodak-default-q$q
   "$psic" eval -m "$model" --level $q --data ../shared/data/imagenet-val256 --split eval "${T[@]}" --no-purify --out $r/imagenet-eval-default-q$q

@@ -199,7 +199,7 @@ fn subcommands() -> Vec<&'static str> {
         "classify", "rates",
     ];
     if cfg!(feature = "eval") {
-        all.extend(["eval", "tradeoff", "rd"]);
+        all.extend(["eval", "tradeoff", "rd", "curve"]);
     }
     all
 }
@@ -887,5 +887,62 @@ fn rates_adds_levels_and_encode_q_picks_one() {
     let o = run(&bin, &enc);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("quality level 2"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[cfg(feature = "eval")]
+#[test]
+fn curve_charts_reports_by_step_and_refuses_a_name_that_is_not_a_step() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-curve-{}", std::process::id()));
+    let report = |name: &str, bpp: f64, psnr: f64| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let json = format!(
+            r#"{{"summary": {{"bpp": {bpp}, "psnr_full": {psnr}, "ms_ssim_full": 0.95,
+            "jpeg": [[10, 0.2, 25.0], [20, 0.4, 28.0], [40, 0.8, 31.0]]}}}}"#
+        );
+        std::fs::write(d.join("report.json"), json).unwrap();
+        d.display().to_string()
+    };
+    let (a, b) = (report("a", 0.4, 28.5), report("b", 0.3, 28.0));
+    let out = dir.join("curve");
+    let o = run(
+        &bin,
+        &[
+            "curve",
+            "--reports",
+            &format!("0={a},500={b}"),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // 0.3 bpp is halfway between JPEG's 25 and 28 dB: 28.0 is 1.5 dB above it.
+    assert!(
+        stdout.contains("step 500: 0.3000 bpp, full 28.00 dB (+1.50 dB vs JPEG)"),
+        "{stdout}"
+    );
+    let md = std::fs::read_to_string(out.join("curve.md")).unwrap();
+    assert!(
+        md.contains("| 0 | 0.4000 | 28.50 | 0.50 | 0.9500 |"),
+        "{md}"
+    );
+    assert!(out.join("curve.png").is_file());
+    let bad = dir.join("bad");
+    let o = run(
+        &bin,
+        &[
+            "curve",
+            "--reports",
+            &format!("first={a}"),
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("STEP a number"));
+    assert!(!bad.exists());
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -74,6 +74,8 @@ enum Command {
     Tradeoff(TradeoffArgs),
     #[cfg(feature = "eval")]
     Rd(RdArgs),
+    #[cfg(feature = "eval")]
+    Curve(CurveArgs),
     Psnr(PsnrArgs),
     #[cfg(feature = "train")]
     Classify(ClassifyArgs),
@@ -463,6 +465,25 @@ struct RdArgs {
     out: PathBuf,
     /// The report's title.
     #[arg(short = 'T', long, default_value = "psic rate-distortion")]
+    title: String,
+}
+
+/// Chart a training run's curve: its model's distance to JPEG at equal bpp against steps.
+///
+/// From one `psic eval` report per step of the run (the same data, usually Kodak): a table of
+/// bpp, full-decode PSNR, its distance to the report's JPEG curve at that bpp and MS-SSIM, and
+/// a chart of the distance against steps. Writes curve.md and curve.png into --out.
+#[cfg(feature = "eval")]
+#[derive(Debug, clap::Args)]
+struct CurveArgs {
+    /// STEP=REPORT_DIR,.. (folders of `psic eval`), STEP the run's step count at the report.
+    #[arg(short, long)]
+    reports: String,
+    /// The folder of the curve report.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// The report's title.
+    #[arg(short = 'T', long, default_value = "psic training curve")]
     title: String,
 }
 
@@ -1387,6 +1408,37 @@ fn read_reports(spec: &str) -> Result<Vec<(String, String)>> {
 }
 
 #[cfg(feature = "eval")]
+fn curve(a: CurveArgs, ui: &Ui) -> Result<()> {
+    use psic::eval::rd::{rd_point, rd_summary, write_curve_report};
+    let mut points = Vec::new();
+    let mut steps = Vec::new();
+    for (name, text) in read_reports(&a.reports)? {
+        steps.push(name.parse::<u64>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "--reports {name:?}: use STEP=REPORT_DIR, STEP a number"
+            ))
+        })?);
+        points.push(rd_point(&name, &text)?);
+    }
+    let summary = rd_summary(points);
+    write_curve_report(&steps, &summary, &a.out, &a.title, &command_line())?;
+    for ((step, p), d) in steps
+        .iter()
+        .zip(&summary.points)
+        .zip(&summary.full_minus_jpeg)
+    {
+        let d = d.map_or("—".into(), |v| format!("{v:+.2} dB"));
+        outln!(
+            "step {step}: {:.4} bpp, full {:.2} dB ({d} vs JPEG)",
+            p.bpp,
+            p.psnr_full
+        );
+    }
+    ui.status(format_args!("curve in {}", a.out.display()));
+    Ok(())
+}
+
+#[cfg(feature = "eval")]
 fn rd(a: RdArgs, ui: &Ui) -> Result<()> {
     use psic::eval::rd::{rd_point, rd_summary, write_rd_report};
     let points = read_reports(&a.reports)?
@@ -1664,6 +1716,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tradeoff(a) => tradeoff(a, &ui),
         #[cfg(feature = "eval")]
         Command::Rd(a) => rd(a, &ui),
+        #[cfg(feature = "eval")]
+        Command::Curve(a) => curve(a, &ui),
         Command::Psnr(a) => psnr(a),
         #[cfg(feature = "train")]
         Command::Classify(a) => classify(a, &ui),

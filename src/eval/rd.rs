@@ -301,6 +301,72 @@ pub fn write_rd_report(
     .save_png(dir.join("rd-msssim.png"), 900, 560)
 }
 
+/// The Markdown table of a training run's curve: `s` summarises one report per entry of
+/// `steps` (the run's model after that many steps), in that order.
+pub fn curve_markdown(steps: &[u64], s: &RdSummary, title: &str, command: &str) -> String {
+    let flavor = s.points.first().map_or("JPEG", |p| p.jpeg_flavor.as_str());
+    let mut md = format!("# {title}\n\nMade by:\n\n```sh\n{command}\n```\n\n");
+    md += "| step | bpp | full PSNR | full − JPEG at equal bpp | full MS-SSIM |\n";
+    md += "| --- | --- | --- | --- | --- |\n";
+    for ((step, p), d) in steps.iter().zip(&s.points).zip(&s.full_minus_jpeg) {
+        md += &format!(
+            "| {step} | {:.4} | {:.2} | {} | {} |\n",
+            p.bpp,
+            p.psnr_full,
+            opt(*d, 2),
+            opt(p.ms_ssim_full, 4)
+        );
+    }
+    md += &format!(
+        "\nJPEG: {flavor}, the first report's curve, interpolated linearly in bpp (a fixed λ \
+         lets the rate drift with training, so the distance to JPEG at the same rate is the \
+         figure to compare across steps).\n"
+    );
+    md
+}
+
+/// Writes `curve.md` ([`curve_markdown`]) and `curve.png` (the full decode's distance to JPEG
+/// at equal bpp against training steps, with the +1 dB line of the issue targets) into `dir`.
+pub fn write_curve_report(
+    steps: &[u64],
+    s: &RdSummary,
+    dir: &std::path::Path,
+    title: &str,
+    command: &str,
+) -> Result<()> {
+    use crate::plot::{LineChart, Series, PALETTE};
+    if steps.len() != s.points.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} steps for {} reports",
+            steps.len(),
+            s.points.len()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let md = curve_markdown(steps, s, title, command);
+    crate::image_io::write_atomic(dir.join("curve.md"), md.as_bytes())?;
+    let curve: Vec<(f64, f64)> = steps
+        .iter()
+        .zip(&s.full_minus_jpeg)
+        .filter_map(|(&step, d)| Some((step as f64, (*d)?)))
+        .collect();
+    let (lo, hi) = (steps.iter().min(), steps.iter().max());
+    let target = lo
+        .zip(hi)
+        .map(|(&a, &b)| vec![(a as f64, 1.0), (b as f64, 1.0)])
+        .unwrap_or_default();
+    LineChart {
+        title: format!("{title}: full decode against JPEG"),
+        x_label: "training step".into(),
+        y_label: "full - JPEG at equal bpp (dB)".into(),
+        series: vec![
+            Series::new("full decode - JPEG", curve, PALETTE[0]),
+            Series::new("+1 dB (issue target)", target, PALETTE[2]),
+        ],
+    }
+    .save_png(dir.join("curve.png"), 900, 560)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +408,16 @@ mod tests {
         assert!((s.shielded_minus_full[1].unwrap() + 2.0).abs() < 1e-9);
         let md = rd_markdown(&s, "t", "psic rd");
         assert!(md.contains("| level 1 | 0.4000 | 30.00 | 2.00 |"), "{md}");
+        let md = curve_markdown(&[4471, 5000], &s, "run", "psic curve");
+        assert!(
+            md.contains("| 5000 | 0.4000 | 30.00 | 2.00 | 0.9500 |"),
+            "{md}"
+        );
+        let dir = std::env::temp_dir().join(format!("psic-curve-{}", std::process::id()));
+        write_curve_report(&[4471, 5000], &s, &dir, "run", "psic curve").unwrap();
+        assert!(dir.join("curve.png").is_file() && dir.join("curve.md").is_file());
+        assert!(write_curve_report(&[1], &s, &dir, "run", "c").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
         let err = rd_point("x", r#"{"summary": {}}"#).unwrap_err();
         assert!(err.to_string().contains("bpp"), "{err}");
     }
