@@ -608,6 +608,46 @@ impl ModelFile {
         Ok(out)
     }
 
+    /// This model's backbone with the generic (`cltg.*`) trigger generator and the conditions of
+    /// `donor`, a shielded model of a backbone with the same injection points: the starting
+    /// point for re-shielding a retrained backbone from a trained shield instead of a fresh
+    /// generator. A generator of its own (if any) is replaced; the backbone's weights, levels
+    /// and metadata stay. The shield of the result is whatever the donor's triggers do to this
+    /// synthesis, which is measured, not assumed: a shield is trained together with its
+    /// synthesis (`docs/TRAINING.md`, "Re-shielding a retrained backbone").
+    ///
+    /// [`Error::InvalidArgument`] for a `psic-hy2018` model (its generator is its own), a donor
+    /// without a generic generator, or injection points of other widths.
+    pub fn with_generator_from(&self, donor: &ModelFile, device: &Device) -> Result<Self> {
+        if matches!(self.architecture, Architecture::PsicHy2018(_)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} has its own trigger generator",
+                self.architecture.name()
+            )));
+        }
+        let cfg = donor.generic_cltg_config()?;
+        let points = self.build_backbone(device)?.injection_points();
+        if cfg.injection_points != points {
+            return Err(Error::InvalidArgument(format!(
+                "the donor's generator feeds injection points of {:?} channels, this backbone \
+                 has {points:?}",
+                cfg.injection_points
+            )));
+        }
+        let prefix = format!("{}.", CltgNames::GENERIC_PREFIX);
+        let mut out = self.without_cltg();
+        for (name, t) in donor.tensors.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            out.tensors
+                .insert(name.clone(), t.to_device(device)?.copy()?);
+        }
+        let conditions = donor.conditions()?.unwrap_or_default();
+        let json = serde_json::to_string(&conditions)
+            .map_err(|e| Error::Model(format!("conditions metadata: {e}")))?;
+        out.extra_metadata.insert("conditions".into(), json);
+        out.build_generator(device)?;
+        Ok(out)
+    }
+
     /// This model without its generic `cltg.*` generator (the `conditions` metadata stays).
     fn without_cltg(&self) -> Self {
         let prefix = format!("{}.", CltgNames::GENERIC_PREFIX);

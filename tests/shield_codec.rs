@@ -338,3 +338,66 @@ fn adaptive_triggers_extend_a_generator_and_change_only_the_shielded_decode() {
     let err = Codec::from_model_file(&broken, &cpu).unwrap_err();
     assert!(matches!(err, psic::Error::Model(_)), "{err}");
 }
+
+/// A shield moves between backbones of the same layout: the donor's generator and conditions,
+/// this backbone's weights and stream; other layouts, generator-less donors and the official
+/// architecture are refused.
+#[test]
+fn a_generator_grafts_onto_a_backbone_of_the_same_layout() {
+    use psic::backbone::ScaleHyperpriorConfig;
+    use psic::model::Architecture;
+    let cpu = Device::Cpu;
+    let tiny = |n, m, seed| {
+        let arch = Architecture::ScaleHyperprior(ScaleHyperpriorConfig { n, m });
+        ModelFile::initialize(arch, seed, &cpu).unwrap()
+    };
+    let donor = tiny(8, 12, 1)
+        .with_new_cltg(5, &cpu)
+        .unwrap()
+        .with_shield_strength(0.5)
+        .unwrap();
+    let backbone = tiny(8, 12, 2);
+    let grafted = backbone.with_generator_from(&donor, &cpu).unwrap();
+    for (name, t) in &donor.tensors {
+        let mine = &grafted.tensors[name];
+        let from = if name.starts_with("cltg.") {
+            t
+        } else {
+            &backbone.tensors[name]
+        };
+        assert_eq!(max_abs_diff(&f32s(mine), &f32s(from)), 0.0, "{name}");
+    }
+    assert_eq!(grafted.conditions().unwrap(), donor.conditions().unwrap());
+    // The stream is the backbone's; the shielded decode is the donor's triggers on it.
+    let img = test_image(64, 48);
+    let plain = Codec::from_model_file(&backbone, &cpu).unwrap();
+    let codec = Codec::from_model_file(&grafted, &cpu).unwrap();
+    let bytes = plain.encode(&img).unwrap();
+    assert!(
+        codec.encode(&img).unwrap() == bytes,
+        "the grafted model writes another stream"
+    );
+    let latent = codec.decode_latent(&bytes).unwrap();
+    let reference = f32s(&plain.synthesize(&latent, &Condition::FULL).unwrap());
+    let (full, shielded) = both_decodes(&codec, &img);
+    assert_eq!(max_abs_diff(&full, &reference), 0.0);
+    assert!(max_abs_diff(&shielded, &reference) > 1e-6);
+    // Grafting again replaces the generator.
+    let other = tiny(8, 12, 3).with_new_cltg(9, &cpu).unwrap();
+    let regrafted = grafted.with_generator_from(&other, &cpu).unwrap();
+    let name = regrafted
+        .tensors
+        .keys()
+        .find(|k| k.starts_with("cltg."))
+        .unwrap();
+    let (mine, theirs) = (f32s(&regrafted.tensors[name]), f32s(&other.tensors[name]));
+    assert_eq!(max_abs_diff(&mine, &theirs), 0.0, "{name}");
+    // Refusals, each a typed error with its reason.
+    let wide = tiny(16, 12, 4).with_new_cltg(5, &cpu).unwrap();
+    let err = backbone.with_generator_from(&wide, &cpu).unwrap_err();
+    assert!(err.to_string().contains("injection points"), "{err}");
+    let err = backbone
+        .with_generator_from(&tiny(8, 12, 5), &cpu)
+        .unwrap_err();
+    assert!(err.to_string().contains("no generic"), "{err}");
+}

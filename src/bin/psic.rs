@@ -299,6 +299,12 @@ struct ExportArgs {
     /// this model, fingerprint and level; `psic info -m` shows the figures).
     #[arg(long, value_name = "N=DIR,..")]
     level_reports: Option<String>,
+    /// Give the model the trigger generator and conditions of this shielded model (same
+    /// injection points; any generator of its own is replaced): the start of re-shielding a
+    /// retrained backbone. The result's shield is the donor's triggers on this synthesis:
+    /// measure it with `psic eval`.
+    #[arg(long, value_name = "DONOR")]
+    shield_from: Option<PathBuf>,
 }
 
 /// Time encode, decode and the rANS coder (median, min and max).
@@ -1311,6 +1317,14 @@ fn export(a: ExportArgs, ui: &Ui) -> Result<()> {
         let step = format!(" (step {})", trainer.step_count());
         (trainer.export()?, step)
     };
+    if let Some(donor) = &a.shield_from {
+        let donor_model = ModelFile::load(donor, &Device::Cpu)?;
+        model = model.with_generator_from(&donor_model, &Device::Cpu)?;
+        let fingerprint = fingerprint_hex(&donor_model.fingerprint()?);
+        model
+            .extra_metadata
+            .insert("generator_from".into(), format!("model {fingerprint}"));
+    }
     if let Some(s) = a.strength {
         model = model.with_shield_strength(s)?;
     }
