@@ -18,7 +18,7 @@ every qualifying candidate has a full-size report (the rule since session 12), t
 Lite0 agreement on the enlarged photos is within --size-tolerance points of the lowest stay in
 (5 points: 3 of 60 photos), and among them the highest shielded PSNR on the split wins; without
 full-size reports (the rule of sessions 10-11), the highest shielded PSNR among the qualifying
-wins. Probe models (Lite1) are printed, never used. Prints one line per candidate and the
+wins. Probe models (Lite1) and the full decode's PSNR and top-1 are printed, never used. Prints one line per candidate and the
 choice; exits with 1 when none qualifies. Only the Python standard library is used.
 """
 import argparse
@@ -37,7 +37,8 @@ def load(folder):
     if not purified:
         sys.exit(f"{folder}: the report has no purifications (run eval without --no-purify)")
     probes = {n: p.get("shielded") for n, p in (s.get("probe_top1") or {}).items()}
-    return s["psnr_shielded"], 100 * top1["shielded"], {k: 100 * v for k, v in purified.items()}, probes
+    full = (s.get("psnr_full"), top1.get("full"))
+    return s["psnr_shielded"], 100 * top1["shielded"], {k: 100 * v for k, v in purified.items()}, probes, full
 
 
 def full_size_agreement(folder):
@@ -67,7 +68,7 @@ def main():
     qualified = []
     for arg in a.candidates:
         folder, x2 = candidate_paths(arg)
-        psnr, top1, purified, probes = load(folder)
+        psnr, top1, purified, probes, (full_psnr, full_top1) = load(folder)
         worst = max(purified, key=purified.get)
         ok = top1 <= a.max_top1 and purified[worst] <= a.max_purified
         size = full_size_agreement(x2) if x2 else None
@@ -77,6 +78,7 @@ def main():
             f"{worst} {purified[worst]:.1f}%"
             f"{'' if size is None else f', photos x2 agreement {size:.1f}%'}"
             f"{' (' + probe_text + ', not used)' if probe_text else ''}"
+            f"{'' if full_top1 is None else f'; full decode {full_psnr:.2f} dB, top-1 {100 * full_top1:.1f}% (not used)'}"
             f" -> {'qualifies' if ok else 'out'}"
         )
         if ok:

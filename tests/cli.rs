@@ -946,3 +946,44 @@ fn curve_charts_reports_by_step_and_refuses_a_name_that_is_not_a_step() {
     assert!(!bad.exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn export_shield_from_grafts_a_generator_and_refuses_a_plain_donor() {
+    let Some(bin) = psic_bin() else { return };
+    let dir = std::env::temp_dir().join(format!("psic-cli-graft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    tiny_model_and_image(&dir);
+    let donor = ModelFile::initialize(tiny_arch(), 6, &Device::Cpu)
+        .unwrap()
+        .with_new_cltg(7, &Device::Cpu)
+        .unwrap();
+    donor.save(p("donor.safetensors")).unwrap();
+    let graft = |donor: &str, out: &str| {
+        let args = ["export", "--from-model", "-i", &p("m.safetensors")];
+        run(
+            &bin,
+            &[&args[..], &["--shield-from", &p(donor), "-o", &p(out)]].concat(),
+        )
+    };
+    let o = graft("donor.safetensors", "g.safetensors");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g = ModelFile::load(p("g.safetensors"), &Device::Cpu).unwrap();
+    let plain = ModelFile::load(p("m.safetensors"), &Device::Cpu).unwrap();
+    assert!(g.conditions().unwrap().is_some());
+    assert_eq!(g.fingerprint().unwrap(), plain.fingerprint().unwrap());
+    let from = &g.extra_metadata["generator_from"];
+    let hex: String = donor
+        .fingerprint()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(from.contains(&hex), "{from}");
+    // A donor without a generator: an error, and no file.
+    let o = graft("m.safetensors", "none.safetensors");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no generic"));
+    assert!(!dir.join("none.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

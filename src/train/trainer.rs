@@ -212,6 +212,13 @@ pub struct ShieldConfig {
     /// backbone is kept exactly; only the synthesis transform and the CLTG learn.
     #[serde(default)]
     pub freeze_analysis: bool,
+    /// With `freeze_analysis` (or in stage 2): freeze the synthesis transform too, so that only
+    /// the generic trigger generator (`cltg.*`) learns. The full decode then stays exactly the
+    /// initial backbone's: the shield is an add-on to a backbone trained for rate-distortion
+    /// alone, which can be retrained and given the same generator again
+    /// ([`ModelFile::with_generator_from`]).
+    #[serde(default)]
+    pub freeze_synthesis: bool,
     /// Stage 1 weight of the clean term (reference: 10).
     #[serde(default = "default_clean_weight")]
     pub clean_weight: f64,
@@ -507,6 +514,13 @@ impl TrainConfig {
                         .into(),
                 );
             }
+        }
+        if self.shield.as_ref().is_some_and(|s| s.freeze_synthesis) && !self.frozen_analysis() {
+            return bad(
+                "[shield] freeze_synthesis needs a frozen analysis (stage 2 or freeze_analysis): \
+                 a trained analysis would change the latent the frozen synthesis decodes"
+                    .into(),
+            );
         }
         if let Some(s) = self
             .shield
@@ -805,7 +819,22 @@ impl Trainer {
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let frozen_analysis = cfg.frozen_analysis();
-        let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if frozen_analysis {
+        let generator_only = cfg.shield.as_ref().is_some_and(|s| s.freeze_synthesis);
+        let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if generator_only {
+            let prefix = format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX);
+            let vars: Vec<_> = named
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .collect();
+            if vars.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "[shield] freeze_synthesis trains the generic generator ({prefix}*) alone, \
+                     and {} has none",
+                    architecture.name()
+                )));
+            }
+            (vec![], vars)
+        } else if frozen_analysis {
             (
                 vec![],
                 named
