@@ -343,24 +343,8 @@ fn frozen_analysis_keeps_the_backbone_bitstream_side_unchanged() {
     for _ in 0..3 {
         assert!(trainer.step().unwrap().loss.is_finite());
     }
-    let trained = dir.join("trained.safetensors");
-    trainer.export().unwrap().save(&trained).unwrap();
-    let before = candle_core::safetensors::load(&plain, &dev).unwrap();
-    let after = candle_core::safetensors::load(&trained, &dev).unwrap();
     let (mut same, mut moved) = (0, 0);
-    for (name, t) in &before {
-        let u = after
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} missing after training"));
-        let diff = (t.to_dtype(candle_core::DType::F64).unwrap()
-            - u.to_dtype(candle_core::DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    for (name, diff) in changes(&plain, &trainer, &dir) {
         if name.starts_with("g_s") {
             moved += usize::from(diff > 0.0);
         } else {
@@ -368,9 +352,74 @@ fn frozen_analysis_keeps_the_backbone_bitstream_side_unchanged() {
             same += 1;
         }
     }
+    let after = candle_core::safetensors::load(dir.join("trained.safetensors"), &dev).unwrap();
     // The encoder, hyperprior and entropy models are untouched; the synthesis did learn.
     assert!(same > 10 && moved > 0, "same {same}, moved {moved}");
     assert!(after.keys().any(|k| k.starts_with("cltg.")));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Each tensor of the `initial` model file with the largest absolute change the trainer's
+/// export made to it (the export is written to `dir/trained.safetensors`).
+fn changes(initial: &Path, trainer: &Trainer, dir: &Path) -> Vec<(String, f64)> {
+    let dev = Device::Cpu;
+    let trained = dir.join("trained.safetensors");
+    trainer.export().unwrap().save(&trained).unwrap();
+    let before = candle_core::safetensors::load(initial, &dev).unwrap();
+    let after = candle_core::safetensors::load(&trained, &dev).unwrap();
+    let f64s = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    before
+        .iter()
+        .map(|(name, t)| {
+            let u = after
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing after training"));
+            let diff = (f64s(t) - f64s(u))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            (name.clone(), diff.to_scalar::<f64>().unwrap())
+        })
+        .collect()
+}
+
+/// `freeze_synthesis`: the generator alone learns, from a model that has one; the full decode
+/// (every backbone tensor) stays as it was. It needs a frozen analysis.
+#[test]
+fn frozen_synthesis_trains_the_generator_alone() {
+    let (dir, plain) = colour_folder("generator-only");
+    let dev = Device::Cpu;
+    let shielded = dir.join("shielded.safetensors");
+    psic::ModelFile::load(&plain, &dev)
+        .unwrap()
+        .with_new_cltg(4, &dev)
+        .unwrap()
+        .save(&shielded)
+        .unwrap();
+    let make = |shield: &str| {
+        let cfg = colour_stage1(&dir, &shielded, "steps = 3\nlr = 1e-2\nseed = 9", shield);
+        Trainer::with_target(cfg, &dev, Some(Box::new(ColourTarget(dev.clone()))))
+    };
+    let mut trainer = make("freeze_analysis = true\nfreeze_synthesis = true").unwrap();
+    for _ in 0..3 {
+        assert!(trainer.step().unwrap().loss.is_finite());
+    }
+    let (mut same, mut moved) = (0, 0);
+    for (name, diff) in changes(&shielded, &trainer, &dir) {
+        if name.starts_with("cltg.") {
+            moved += usize::from(diff > 0.0);
+        } else {
+            assert_eq!(diff, 0.0, "{name} changed with the synthesis frozen");
+            same += 1;
+        }
+    }
+    assert!(same > 10 && moved > 0, "same {same}, moved {moved}");
+    let err = make("freeze_synthesis = true")
+        .err()
+        .expect("needs a frozen analysis");
+    assert!(err.to_string().contains("frozen analysis"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
