@@ -343,6 +343,13 @@ impl IgdnSynthesis {
         }
         Ok(())
     }
+
+    /// Training computes no kernel gradients here ([`ConvTranspose2d::freeze_kernel`]).
+    pub(crate) fn freeze_kernels(&mut self) {
+        for conv in &mut self.convs {
+            conv.freeze_kernel();
+        }
+    }
 }
 
 /// Implements [`LicBackbone`](super::LicBackbone) for a CompressAI hyperprior made of a
@@ -427,6 +434,10 @@ macro_rules! hyperprior_backbone {
 
             fn transform_precision(&self) -> $crate::Precision {
                 self.core.analysis_precision()
+            }
+
+            fn freeze_synthesis_kernels(&mut self) {
+                self.g_s.freeze_kernels()
             }
 
             fn entropy_bottleneck(&self) -> &$crate::entropy::EntropyBottleneck {

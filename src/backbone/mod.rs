@@ -345,6 +345,12 @@ pub trait LicBackbone: Send + Sync + std::fmt::Debug {
         Precision::F32
     }
 
+    /// Training: the synthesis' convolutions compute no kernel gradients from now on (their
+    /// weights are trained by no optimiser: `[shield] freeze_synthesis`); gradients still flow
+    /// through them to whatever feeds them (the triggers). The default does nothing: a backbone
+    /// without it trains as before, only slower.
+    fn freeze_synthesis_kernels(&mut self) {}
+
     /// The entropy model of `z`.
     fn entropy_bottleneck(&self) -> &EntropyBottleneck;
     /// The entropy model of `y`.

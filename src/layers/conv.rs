@@ -50,6 +50,9 @@ pub struct Conv2d {
     /// Product kernel of the CPU ops (inference and training); f32 until
     /// [`set_precision`](Self::set_precision) says otherwise.
     kernel: Kernel,
+    /// Whether training computes the kernel's and bias' gradients (see
+    /// [`freeze_kernel`](Self::freeze_kernel)).
+    kernel_grads: bool,
 }
 
 impl Conv2d {
@@ -78,6 +81,7 @@ impl Conv2d {
             padding: kernel / 2,
             cpu,
             kernel: Kernel::F32,
+            kernel_grads: true,
         })
     }
 
@@ -113,6 +117,7 @@ impl Conv2d {
             padding: k / 2,
             cpu,
             kernel: Kernel::F32,
+            kernel_grads: true,
         })
     }
 
@@ -145,6 +150,13 @@ impl Conv2d {
     /// The precision this layer's CPU products use (after any fallback).
     pub fn precision(&self) -> Precision {
         self.kernel.precision()
+    }
+
+    /// Training with trainable weights on the CPU: the backward pass computes no gradient for
+    /// this layer's kernel and bias (for weights no optimiser steps, e.g. a frozen synthesis
+    /// feeding a trained trigger generator); the input gradient still flows.
+    pub fn freeze_kernel(&mut self) {
+        self.kernel_grads = false;
     }
 
     /// Whether the weights are trainable variables.
@@ -183,6 +195,7 @@ impl Module for Conv2d {
                 stride: self.stride,
                 padding: self.padding,
                 kernel: self.kernel,
+                kernel_grads: self.kernel_grads,
             };
             if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
                 return Ok(y);
@@ -308,6 +321,8 @@ pub struct ConvTranspose2d {
     cpu: Option<CpuConv>,
     /// Product kernel of the CPU ops, as for [`Conv2d`].
     kernel: Kernel,
+    /// As for [`Conv2d`].
+    kernel_grads: bool,
 }
 
 impl ConvTranspose2d {
@@ -334,6 +349,7 @@ impl ConvTranspose2d {
             phase: None,
             cpu: None,
             kernel: Kernel::F32,
+            kernel_grads: true,
         };
         if !layer.weight.is_variable() {
             layer.phase = Some(layer.phase_kernel()?);
@@ -369,6 +385,13 @@ impl ConvTranspose2d {
     /// The precision this layer's CPU products use (after any fallback).
     pub fn precision(&self) -> Precision {
         self.kernel.precision()
+    }
+
+    /// Training with trainable weights on the CPU: the backward pass computes no gradient for
+    /// this layer's kernel and bias (for weights no optimiser steps, e.g. a frozen synthesis
+    /// feeding a trained trigger generator); the input gradient still flows.
+    pub fn freeze_kernel(&mut self) {
+        self.kernel_grads = false;
     }
 
     /// Tap offsets `d` (input row `Y + d` feeds phase row `Y`) span `d_min..=d_max`, where
@@ -470,6 +493,7 @@ impl Module for ConvTranspose2d {
                 stride: self.stride,
                 padding: self.padding,
                 kernel: self.kernel,
+                kernel_grads: self.kernel_grads,
             };
             if let Some(y) = train_on_cpu(op, x, &self.weight, &self.bias)? {
                 return Ok(y);

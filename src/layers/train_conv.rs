@@ -27,6 +27,8 @@ pub(crate) enum TrainConv {
         stride: usize,
         padding: usize,
         kernel: Kernel,
+        /// Whether the backward pass computes the weight and bias gradients.
+        kernel_grads: bool,
     },
     /// A transposed convolution with `weight` `[C, O, k, k]` whose output is `stride` times its
     /// input (CompressAI's `deconv`).
@@ -34,6 +36,8 @@ pub(crate) enum TrainConv {
         stride: usize,
         padding: usize,
         kernel: Kernel,
+        /// As for `Conv`.
+        kernel_grads: bool,
     },
 }
 
@@ -60,17 +64,26 @@ impl TrainConv {
                 stride,
                 padding,
                 kernel,
+                ..
             } => Plan::conv(w, (a, b, k), bias, stride, padding).with_kernel(kernel),
             Self::Transposed {
                 stride,
                 padding,
                 kernel,
+                ..
             } => Plan::transposed(w, (a, b, k), bias, stride, padding).with_kernel(kernel),
         })
     }
 }
 
 impl TrainConv {
+    /// Whether the backward pass computes the kernel and bias gradients.
+    fn kernel_grads(&self) -> bool {
+        match *self {
+            Self::Conv { kernel_grads, .. } | Self::Transposed { kernel_grads, .. } => kernel_grads,
+        }
+    }
+
     /// The layer whose forward pass is this one's input gradient: a strided convolution's
     /// adjoint is the transposed convolution with the same kernel, and the reverse.
     fn adjoint(&self, w: &[f32], dims: &[usize]) -> candle_core::Result<Plan> {
@@ -83,12 +96,14 @@ impl TrainConv {
                 stride,
                 padding,
                 kernel,
+                ..
             } => Plan::transposed(w, (a, b, k), vec![0.0; b], stride, padding).with_kernel(kernel),
             // [C, O, k, k] read as a convolution kernel from O to C channels.
             Self::Transposed {
                 stride,
                 padding,
                 kernel,
+                ..
             } => Plan::conv(w, (a, b, k), vec![0.0; a], stride, padding).with_kernel(kernel),
         })
     }
@@ -144,10 +159,11 @@ impl CustomOp3 for TrainConv {
         };
         let (gs, gl) = grad.storage_and_layout();
         let dy = cpu_f32(&gs, gl, "conv output gradient")?;
-        let (dw, db) = {
+        let dw_db = self.kernel_grads().then(|| {
             let (xs, xl) = x.storage_and_layout();
-            weight_gradients(&plan, cpu_f32(&xs, xl, "conv input")?, (b, h, wd), dy)
-        };
+            cpu_f32(&xs, xl, "conv input").map(|x| weight_gradients(&plan, x, (b, h, wd), dy))
+        });
+        let dw_db = dw_db.transpose()?;
         let dev = x.device();
         // The input gradient is the adjoint layer applied to the output gradient; its output
         // can be one row or column larger than an odd-sized input: those are dropped.
@@ -164,11 +180,14 @@ impl CustomOp3 for TrainConv {
             }
             None => None,
         };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w.dims(), dev)?),
-            Some(Tensor::from_vec(db, bias.dims(), dev)?),
-        ))
+        let (dw, db) = match dw_db {
+            Some((dw, db)) => (
+                Some(Tensor::from_vec(dw, w.dims(), dev)?),
+                Some(Tensor::from_vec(db, bias.dims(), dev)?),
+            ),
+            None => (None, None),
+        };
+        Ok((dx, dw, db))
     }
 }
 
@@ -494,6 +513,30 @@ mod tests {
                 &format!("deconv k{k} s{s} {b}x{c_in}x{h}x{w}"),
             );
         }
+    }
+
+    /// A frozen kernel ([`ConvTranspose2d::freeze_kernel`]): the same output and input gradient,
+    /// and no kernel or bias gradient.
+    #[test]
+    fn frozen_kernels_pass_the_input_gradient_and_skip_their_own() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, 13, DType::F32, &Device::Cpu);
+        let mut deconv = ConvTranspose2d::new(vb, 4, 3, 5, 2).unwrap();
+        let (wt, bias) = (param(&varmap, "weight"), param(&varmap, "bias"));
+        let x = var(&[2, 4, 5, 6], 1.0);
+        let grads = |deconv: &ConvTranspose2d| {
+            let y = deconv.forward(x.as_tensor()).unwrap();
+            let loss = (&y * &y).unwrap().sum_all().unwrap();
+            (y, loss.backward().unwrap())
+        };
+        let (y, trained) = grads(&deconv);
+        deconv.freeze_kernel();
+        let (y_frozen, frozen) = grads(&deconv);
+        assert_eq!(max_diff(&y, &y_frozen), 0.0);
+        let dx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().clone();
+        assert_eq!(max_diff(&dx(&trained), &dx(&frozen)), 0.0);
+        assert!(trained.get(wt.as_tensor()).is_some() && trained.get(bias.as_tensor()).is_some());
+        assert!(frozen.get(wt.as_tensor()).is_none() && frozen.get(bias.as_tensor()).is_none());
     }
 
     /// The bf16 kernels this CPU runs: the emulation always, AVX512-BF16 where present.

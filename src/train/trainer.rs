@@ -791,6 +791,9 @@ impl Trainer {
         if let Some(p) = cfg.precision {
             backbone.set_transform_precision(p)?;
         }
+        if cfg.shield.as_ref().is_some_and(|s| s.freeze_synthesis) {
+            backbone.freeze_synthesis_kernels();
+        }
         let conditions = Conditions::default();
         let mut generator: Option<Box<dyn TriggerGenerator>> = match (&architecture, &tensors) {
             (Architecture::PsicHy2018(c), _) if cfg.stage.shields() => Some(Box::new(
