@@ -12,7 +12,7 @@
 //! a command that fails exits with code 1 and one line `error: ...` on stderr. Outputs are
 //! written atomically (a failed command leaves no partial file) and never over the input.
 //! Commands that need more of psic than the codec core appear with their cargo features:
-//! `train` and `export` (`train`), `eval` and `tradeoff` (`eval`), `classify` (`train`).
+//! `train`, `export`, `classify` and `rates` (`train`), `eval`, `tradeoff`, `rd` and `curve` (`eval`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
