@@ -791,7 +791,8 @@ impl Trainer {
         if let Some(p) = cfg.precision {
             backbone.set_transform_precision(p)?;
         }
-        if cfg.shield.as_ref().is_some_and(|s| s.freeze_synthesis) {
+        let generator_only = cfg.shield.as_ref().is_some_and(|s| s.freeze_synthesis);
+        if generator_only {
             backbone.freeze_synthesis_kernels();
         }
         let conditions = Conditions::default();
@@ -822,7 +823,6 @@ impl Trainer {
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let frozen_analysis = cfg.frozen_analysis();
-        let generator_only = cfg.shield.as_ref().is_some_and(|s| s.freeze_synthesis);
         let (aux_vars, main_vars): (Vec<_>, Vec<_>) = if generator_only {
             let prefix = format!("{}.", crate::shield::CltgNames::GENERIC_PREFIX);
             let vars: Vec<_> = named
